@@ -1,0 +1,135 @@
+"""Running a method's passes: the part every backend shares.
+
+A backend decides three things only: which module forwards, how a pass's gradients are held back
+from synchronisation (all passes but the last), and how the optimizer steps. Everything else (which
+weights, which samples, which loss weights) comes from the method, so all backends run the same
+algorithm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from ..methods import Method, select_part
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    skipped: bool
+
+
+class NonFiniteError(RuntimeError):
+    """The synchronised gradient is not finite; under ``on_nonfinite: stop`` the run ends here."""
+
+
+@contextlib.contextmanager
+def frozen_bn_stats(model: nn.Module, frozen: bool) -> Iterator[None]:
+    """Keep BatchNorm running statistics as they are for a pass that sees samples a second time."""
+    if not frozen:
+        yield
+        return
+    saved = [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+    try:
+        yield
+    finally:
+        with torch.no_grad():
+            for m, mean, var, count in saved:
+                m.running_mean.copy_(mean)
+                m.running_var.copy_(var)
+                m.num_batches_tracked.copy_(count)
+
+
+class Backend:
+    """Local single-process execution; subclasses add gradient synchronisation."""
+
+    def __init__(
+        self,
+        model: nn.Module,
+        optimizer: torch.optim.Optimizer,
+        precision: str = "fp32",
+        clip_grad_norm: float | None = None,
+        on_nonfinite: str = "stop",
+    ):
+        self.model = model
+        self.optimizer = optimizer
+        self.precision = precision
+        self.clip_grad_norm = clip_grad_norm
+        self.on_nonfinite = on_nonfinite
+        device_type = next(model.parameters()).device.type
+        self.device_type = device_type
+        self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+    # -- hooks a distributed backend overrides -------------------------------------------------
+    @property
+    def module(self) -> nn.Module:
+        """The module to call forward on (a DDP wrapper, an engine, or the model itself)."""
+        return self.model
+
+    def sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+    def backward(self, loss: torch.Tensor) -> None:
+        if self.scaler is not None:
+            loss = self.scaler.scale(loss)
+        loss.backward()
+
+    def zero_grad(self) -> None:
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def optimizer_step(self) -> StepResult | None:
+        """Unscale once, check finiteness and clip once (on the synced gradient), step once."""
+        params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if self.scaler is not None:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        # One host sync per step; the gradient is already identical on every rank, so every rank
+        # reaches the same decision without a further collective.
+        finite = bool(torch.isfinite(norm))
+        if self.scaler is not None:
+            self.scaler.step(self.optimizer)  # skips the step itself when either pass overflowed
+            self.scaler.update()
+        elif finite:
+            self.optimizer.step()
+        elif self.on_nonfinite == "stop":
+            raise NonFiniteError(f"non-finite gradient norm ({float(norm)})")
+        self.zero_grad()
+        return StepResult(loss=float("nan"), grad_norm=float(norm), skipped=not finite)
+
+    # -- the shared algorithm --------------------------------------------------------------------
+    def autocast(self) -> contextlib.AbstractContextManager:
+        if self.precision == "fp32":
+            return contextlib.nullcontext()
+        dtype = torch.bfloat16 if self.precision == "bf16" else torch.float16
+        return torch.autocast(self.device_type, dtype=dtype)
+
+    def train_step(
+        self, method: Method, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=nn.functional.cross_entropy
+    ) -> StepResult:
+        passes = method.passes()
+        loss_sum = torch.zeros((), device=x.device)
+        try:
+            for index, p in enumerate(passes):
+                method.before_pass(index, step)
+                last = index == len(passes) - 1
+                with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
+                    with self.autocast():
+                        loss = loss_fn(self.module(select_part(x, p.part)), select_part(y, p.part))
+                    self.backward(loss * p.loss_weight)
+                loss_sum += loss.detach().float()
+        finally:
+            method.restore()  # weight decay, momentum and the LR act on w, never on w +- n
+        result = self.optimizer_step()
+        result.loss = float(loss_sum) / len(passes)
+        return result

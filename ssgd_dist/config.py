@@ -1,0 +1,224 @@
+"""Typed run configuration: packaged or user YAML, plus dotted ``--set`` overrides.
+
+Every knob the paper's abstract leaves open is a field here with a documented default, so a run's
+``config.yaml`` states the whole experiment. Unknown keys are errors (typos must not silently fall
+back to a default), and every error names the field, the bad value and what is allowed.
+"""
+
+from __future__ import annotations
+
+import difflib
+from importlib import resources
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+
+class ConfigError(ValueError):
+    """A user-facing configuration problem; the CLI prints it on one line and exits with code 2."""
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+
+
+class NoiseConfig(_Section):
+    alpha: float = Field(0.3, ge=0, description="relative noise magnitude: sigma_i = alpha * scale_i")
+    distribution: Literal["rademacher", "sphere", "gaussian", "uniform"] = "rademacher"
+    scale: Literal["layer_rms", "filter_norm", "elementwise", "absolute"] = "layer_rms"
+    targets: Literal["weights", "all"] = "weights"
+    schedule: Literal["constant", "warmup", "cosine"] = "constant"
+    schedule_fraction: float = Field(0.05, ge=0, le=1, description="warm-up length as a fraction of the run")
+
+
+class SSGDConfig(_Section):
+    batch_split: Literal["halves", "full", "paired"] = "halves"
+
+
+class SAMConfig(_Section):
+    rho: float = Field(0.05, ge=0, description="radius of SAM's adversarial perturbation")
+
+
+class ModelConfig(_Section):
+    name: Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "vgg16_bn", "wrn16_4"] = "mlp"
+    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="MLP hidden widths")
+    batchnorm: bool = True
+
+
+class DataConfig(_Section):
+    name: Literal["mnist1d", "digits", "synthetic", "cifar10", "cifar100"] = "mnist1d"
+    batch_size: int = Field(2000, ge=1, description="global batch size, summed over all ranks")
+    train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
+    num_samples: int = Field(10000, ge=100, description="MNIST-1D examples generated (80% train)")
+    root: str | None = Field(None, description="directory with the CIFAR binary files")
+    cache_dir: str | None = Field(None, description="where generated data sets are cached")
+    augment: bool = Field(True, description="random crop + flip for CIFAR")
+    eval_batch_size: int = Field(1000, ge=1)
+
+
+class OptimConfig(_Section):
+    name: Literal["sgd", "adamw", "lars"] = "sgd"
+    lr: float = Field(0.1, gt=0)
+    momentum: float = Field(0.9, ge=0, lt=1)
+    nesterov: bool = False
+    weight_decay: float = Field(5e-4, ge=0)
+    schedule: Literal["constant", "step", "cosine"] = "cosine"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule, fractions of the run")
+    gamma: float = Field(0.1, gt=0, description="step schedule decay factor")
+    reference_batch_size: int | None = Field(
+        None, ge=1, description="linear scaling: lr is multiplied by batch_size / reference_batch_size"
+    )
+    clip_grad_norm: float | None = Field(None, gt=0)
+    betas: tuple[float, float] = (0.9, 0.999)
+    trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
+
+
+class TrainConfig(_Section):
+    epochs: int = Field(10, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: at every epoch end")
+    eval_every: int = Field(1, ge=1, description="epochs between evaluations")
+    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
+    on_nonfinite: Literal["stop", "skip"] = "stop"
+    max_skips: int = Field(10, ge=0)
+    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
+    progress: bool = True
+    crash_at_step: int | None = Field(
+        None, ge=1, description="testing only: rank 1 (or 0 alone) exits abruptly once at this step"
+    )
+
+
+class DeepSpeedConfig(_Section):
+    zero_stage: int = Field(0, ge=0, le=3)
+    bf16: bool = False
+    extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
+
+
+class Config(_Section):
+    method: Literal["sgd", "ssgd", "gni", "smoothout", "sam"] = "ssgd"
+    seed: int = Field(0, ge=0)
+    backend: Literal["auto", "local", "ddp", "deepspeed"] = "auto"
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    noise: NoiseConfig = Field(default_factory=NoiseConfig)
+    ssgd: SSGDConfig = Field(default_factory=SSGDConfig)
+    sam: SAMConfig = Field(default_factory=SAMConfig)
+    model: ModelConfig = Field(default_factory=ModelConfig)
+    data: DataConfig = Field(default_factory=DataConfig)
+    optim: OptimConfig = Field(default_factory=OptimConfig)
+    train: TrainConfig = Field(default_factory=TrainConfig)
+    deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+
+    @model_validator(mode="after")
+    def _check_cross_field(self) -> "Config":
+        if self.method == "ssgd" and self.ssgd.batch_split == "halves" and self.data.batch_size % 2:
+            raise ValueError(
+                f"data.batch_size = {self.data.batch_size}: 'halves' splits every batch in two; use an even batch size"
+            )
+        return self
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+
+def packaged_config_names() -> list[str]:
+    return sorted(p.name[:-5] for p in resources.files("ssgd_dist.configs").iterdir() if p.name.endswith(".yaml"))
+
+
+def _read_yaml(name_or_path: str) -> dict[str, Any]:
+    path = Path(name_or_path)
+    if path.suffix in (".yaml", ".yml") or path.exists():
+        if not path.is_file():
+            raise ConfigError(f"--config {name_or_path}: no such file")
+        text = path.read_text()
+    else:
+        packaged = resources.files("ssgd_dist.configs") / f"{name_or_path}.yaml"
+        if not packaged.is_file():
+            names = packaged_config_names()
+            hint = difflib.get_close_matches(name_or_path, names, n=1)
+            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+            raise ConfigError(
+                f"--config {name_or_path}: not a file and not a packaged config{did_you_mean}; "
+                f"packaged: {', '.join(names)}"
+            )
+        text = packaged.read_text()
+    try:
+        data = yaml.safe_load(text) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--config {name_or_path}: invalid YAML: {exc}".replace("\n", " ")) from None
+    if not isinstance(data, dict):
+        raise ConfigError(f"--config {name_or_path}: the top level must be a mapping of keys to values")
+    return data
+
+
+def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
+    keys = []
+    for name, field in model.model_fields.items():
+        annotation = field.annotation
+        if isinstance(annotation, type) and issubclass(annotation, BaseModel):
+            keys += _known_keys(annotation, f"{prefix}{name}.")
+        else:
+            keys.append(prefix + name)
+    return keys
+
+
+def apply_override(data: dict[str, Any], assignment: str) -> None:
+    """Apply one ``a.b=c`` override; the value is parsed as YAML so numbers, bools and lists work."""
+    key, sep, raw = assignment.partition("=")
+    key = key.strip()
+    if not sep or not key:
+        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set noise.alpha=0.3")
+    known = _known_keys(Config)
+    if key not in known and not key.startswith("deepspeed.extra."):
+        hint = difflib.get_close_matches(key, known, n=1)
+        raise ConfigError(
+            f"--set {assignment}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
+        )
+    try:
+        value = yaml.safe_load(raw) if raw.strip() else None
+    except yaml.YAMLError:
+        value = raw
+    node = data
+    parts = key.split(".")
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise ConfigError(f"--set {assignment}: '{part}' is not a section")
+        node = child
+    node[parts[-1]] = value
+
+
+def _format_validation_error(exc: ValidationError) -> str:
+    known = _known_keys(Config)
+    lines = []
+    for err in exc.errors():
+        field = ".".join(str(p) for p in err["loc"]) or "config"
+        if err["type"] == "extra_forbidden":
+            hint = difflib.get_close_matches(field, known, n=1)
+            lines.append(f"unknown key '{field}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
+        elif err["type"] == "value_error":
+            lines.append(err["msg"].removeprefix("Value error, "))
+        else:
+            lines.append(f"{field} = {err.get('input')!r}: {err['msg']}")
+    return "; ".join(lines)
+
+
+def validate(data: dict[str, Any]) -> Config:
+    try:
+        return Config.model_validate(data)
+    except ValidationError as exc:
+        raise ConfigError(_format_validation_error(exc)) from None
+
+
+def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
+    """Resolve a packaged name or a YAML path, apply ``--set`` overrides in order, and validate."""
+    data = _read_yaml(name_or_path)
+    for assignment in overrides or []:
+        apply_override(data, assignment)
+    return validate(data)
+
+
+def dump_config(cfg: Config) -> str:
+    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)

@@ -1,0 +1,247 @@
+"""Data sets held as tensors, and a world-size-invariant global batch order.
+
+Every data set here fits in memory, so there is no DataLoader: each epoch is one seeded permutation
+of the training set, global batch t is a fixed slice of it, and rank r takes a contiguous part of
+that slice. The order is therefore a pure function of (seed, step), which makes 1 rank and R ranks
+see the same batches and makes resuming at a step exact.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError, DataConfig
+from .noise import step_seed
+
+
+class DataError(ConfigError):
+    """Missing or malformed data on disk; reported like a configuration error (exit 2)."""
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    num_classes: int
+    augment: bool = False  # random crop + flip for images
+
+    @property
+    def input_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+
+def default_cache_dir() -> Path:
+    if os.environ.get("SSGD_CACHE_DIR"):
+        return Path(os.environ["SSGD_CACHE_DIR"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "ssgd-dist"
+
+
+def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}.npz")
+    np.savez(tmp, **arrays)
+    os.replace(tmp, path)
+
+
+def load_mnist1d(cfg: DataConfig) -> Dataset:
+    """Generated procedurally (mnist1d's ``get_dataset`` would try a download first); cached as .npz."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    path = cache / f"mnist1d-{cfg.num_samples}.npz"
+    if not path.exists():
+        from mnist1d.data import get_dataset_args, make_dataset
+
+        args = get_dataset_args()
+        args.num_samples = cfg.num_samples
+        state = np.random.get_state()  # make_dataset reseeds numpy's global RNG
+        raw = make_dataset(args)
+        np.random.set_state(state)
+        _atomic_savez(path, x=raw["x"], y=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"])
+    with np.load(path, allow_pickle=False) as f:
+        arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+    return Dataset(
+        "mnist1d",
+        torch.from_numpy(arrays["x"]).float(),
+        torch.from_numpy(arrays["y"]).long(),
+        torch.from_numpy(arrays["x_test"]).float(),
+        torch.from_numpy(arrays["y_test"]).long(),
+        num_classes=10,
+    )
+
+
+def load_digits() -> Dataset:
+    """scikit-learn's bundled 8x8 digits (1 797 images), a fixed 80/20 split, scaled to [0, 1]."""
+    from sklearn.datasets import load_digits as sk_digits
+
+    bunch = sk_digits()
+    x = torch.from_numpy(bunch.data).float() / 16.0
+    y = torch.from_numpy(bunch.target).long()
+    order = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    x, y = x[order], y[order]
+    split = int(0.8 * len(y))
+    return Dataset("digits", x[:split], y[:split], x[split:], y[split:], num_classes=10)
+
+
+def load_synthetic(num_samples: int = 2048, dim: int = 32, classes: int = 4) -> Dataset:
+    """Gaussian inputs labelled by a fixed random teacher: learnable, tiny, no files."""
+    gen = torch.Generator().manual_seed(1234)
+    x = torch.randn(num_samples, dim, generator=gen)
+    teacher = torch.randn(dim, classes, generator=gen)
+    y = (x @ teacher + 0.5 * torch.randn(num_samples, classes, generator=gen)).argmax(1)
+    split = int(0.8 * num_samples)
+    return Dataset("synthetic", x[:split], y[:split], x[split:], y[split:], num_classes=classes)
+
+
+CIFAR_LAYOUT = {
+    # name: (subdirectory, train files, test files, label bytes, label byte used, classes)
+    "cifar10": ("cifar-10-batches-bin", [f"data_batch_{i}.bin" for i in range(1, 6)], ["test_batch.bin"], 1, 0, 10),
+    "cifar100": ("cifar-100-binary", ["train.bin"], ["test.bin"], 2, 1, 100),
+}
+CIFAR_MEAN = torch.tensor([0.4914, 0.4822, 0.4465]).view(1, 3, 1, 1)
+CIFAR_STD = torch.tensor([0.2470, 0.2435, 0.2616]).view(1, 3, 1, 1)
+CIFAR_URL = {
+    "cifar10": "https://www.cs.toronto.edu/~kriz/cifar-10-binary.tar.gz",
+    "cifar100": "https://www.cs.toronto.edu/~kriz/cifar-100-binary.tar.gz",
+}
+
+
+def _read_cifar_files(paths: list[Path], label_bytes: int, label_index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    record = label_bytes + 3072
+    chunks = []
+    for path in paths:
+        raw = np.fromfile(path, dtype=np.uint8)
+        if raw.size == 0 or raw.size % record:
+            raise DataError(
+                f"data.root: {path} has {raw.size} bytes, not a multiple of the {record}-byte CIFAR record; "
+                "the file is truncated or not in the CIFAR binary format"
+            )
+        chunks.append(raw.reshape(-1, record))
+    rows = np.concatenate(chunks)
+    labels = torch.from_numpy(rows[:, label_index].astype(np.int64))
+    images = torch.from_numpy(rows[:, label_bytes:].reshape(-1, 3, 32, 32).copy())
+    return images, labels
+
+
+def load_cifar(cfg: DataConfig) -> Dataset:
+    """The official *binary* release (no pickle), from a directory the user provides."""
+    subdir, train_files, test_files, label_bytes, label_index, classes = CIFAR_LAYOUT[cfg.name]
+    if cfg.root is None:
+        raise DataError(
+            f"data.root is not set: {cfg.name} is read from a local directory; download "
+            f"{CIFAR_URL[cfg.name]}, extract it and pass --set data.root=DIR"
+        )
+    root = Path(cfg.root).expanduser()
+    base = root / subdir if (root / subdir).is_dir() else root
+    missing = [f for f in train_files + test_files if not (base / f).is_file()]
+    if missing:
+        raise DataError(
+            f"data.root = {cfg.root}: {', '.join(missing)} not found (looked in {base}); download "
+            f"{CIFAR_URL[cfg.name]} and extract it there (the binary version, not the Python one)"
+        )
+    x_train, y_train = _read_cifar_files([base / f for f in train_files], label_bytes, label_index)
+    x_test, y_test = _read_cifar_files([base / f for f in test_files], label_bytes, label_index)
+    if int(max(y_train.max(), y_test.max())) >= classes:
+        raise DataError(f"data.root = {cfg.root}: labels above {classes - 1}; is this {cfg.name}?")
+
+    def normalise(x: torch.Tensor) -> torch.Tensor:
+        return (x.float() / 255.0 - CIFAR_MEAN) / CIFAR_STD
+
+    return Dataset(cfg.name, normalise(x_train), y_train, normalise(x_test), y_test, classes, augment=cfg.augment)
+
+
+def load_dataset(cfg: DataConfig) -> Dataset:
+    if cfg.name == "mnist1d":
+        ds = load_mnist1d(cfg)
+    elif cfg.name == "digits":
+        ds = load_digits()
+    elif cfg.name == "synthetic":
+        ds = load_synthetic()
+    else:
+        ds = load_cifar(cfg)
+    if cfg.train_samples is not None:
+        if cfg.train_samples > len(ds.y_train):
+            raise DataError(
+                f"data.train_samples = {cfg.train_samples}: {ds.name} has only {len(ds.y_train)} training examples"
+            )
+        ds.x_train, ds.y_train = ds.x_train[: cfg.train_samples], ds.y_train[: cfg.train_samples]
+    return ds
+
+
+def fingerprint(ds: Dataset) -> str:
+    """A short hash of the training tensors, to refuse resuming on different data."""
+    h = hashlib.sha256()
+    h.update(ds.x_train.numpy().tobytes())
+    h.update(ds.y_train.numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+class GlobalBatches:
+    """Global batch t of epoch e is ``perm_e[t*B:(t+1)*B]``; rank r takes its contiguous part.
+
+    Incomplete last batches are dropped so every step has the same global batch size.
+    """
+
+    def __init__(self, num_examples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+        if global_batch > num_examples:
+            raise ConfigError(
+                f"data.batch_size = {global_batch}: larger than the {num_examples} training examples; "
+                "lower data.batch_size or use more data"
+            )
+        if global_batch % world_size:
+            raise ConfigError(
+                f"data.batch_size = {global_batch}: not divisible by the {world_size} ranks; "
+                f"use a multiple of {world_size}"
+            )
+        self.num_examples = num_examples
+        self.global_batch = global_batch
+        self.local_batch = global_batch // world_size
+        self.seed = seed
+        self.rank = rank
+        self.steps_per_epoch = num_examples // global_batch
+        self._epoch = -1
+        self._perm: torch.Tensor | None = None
+
+    def epoch_of(self, step: int) -> int:
+        return step // self.steps_per_epoch
+
+    def permutation(self, epoch: int) -> torch.Tensor:
+        if epoch != self._epoch:
+            gen = torch.Generator().manual_seed(step_seed(self.seed + 7919, epoch))
+            self._perm = torch.randperm(self.num_examples, generator=gen)
+            self._epoch = epoch
+        assert self._perm is not None
+        return self._perm
+
+    def global_indices(self, step: int) -> torch.Tensor:
+        epoch, t = divmod(step, self.steps_per_epoch)
+        return self.permutation(epoch)[t * self.global_batch : (t + 1) * self.global_batch]
+
+    def local_indices(self, step: int) -> torch.Tensor:
+        start = self.rank * self.local_batch
+        return self.global_indices(step)[start : start + self.local_batch]
+
+
+def augment_images(x: torch.Tensor, seed: int, step: int, offset: int, global_batch: int) -> torch.Tensor:
+    """Random 4-pixel-padded crop and horizontal flip, drawn for the whole global batch then sliced.
+
+    Drawing for the global batch keeps augmentation identical for any world size.
+    """
+    gen = torch.Generator().manual_seed(step_seed(seed + 104729, step))
+    shifts = torch.randint(0, 9, (global_batch, 2), generator=gen)[offset : offset + len(x)]
+    flips = torch.rand(global_batch, generator=gen)[offset : offset + len(x)] < 0.5
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    out = torch.empty_like(x)
+    h, w = x.shape[-2:]
+    for i in range(len(x)):
+        dy, dx = int(shifts[i, 0]), int(shifts[i, 1])
+        img = padded[i, :, dy : dy + h, dx : dx + w]
+        out[i] = img.flip(-1) if flips[i] else img
+    return out

@@ -1,0 +1,246 @@
+"""The training loop: backend-agnostic, resumable, the same under torchrun, Ray and alone.
+
+Single node, 2 workers:   torchrun --nproc_per_node=2 -m ssgd_dist.cli train --config quickstart
+Two nodes, 8 GPUs each:   torchrun --nnodes=2 --nproc_per_node=8 --node_rank=$NODE_RANK \
+                              --master_addr=$HEAD --master_port=29500 -m ssgd_dist.cli train --config X
+
+Everything that varies per step (data order, noise, learning rate) is a pure function of
+(seed, step), so the state to checkpoint is the weights, the optimizer and the step counter.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from tqdm import tqdm
+
+from . import distributed
+from .backends import NonFiniteError, build_backend
+from .checkpoint import load_checkpoint_file, load_latest, save_checkpoint
+from .config import Config, ConfigError, dump_config
+from .data import Dataset, GlobalBatches, augment_images, load_dataset
+from .methods import build_method
+from .metrics import MetricsWriter
+from .models import build_model
+from .optimizers import build_optimizer, lr_at, set_lr
+
+# Keys that may change between a run and its resumption: they do not change what is computed.
+RESUMABLE_DIFFERENCES = {("train", "progress"), ("train", "crash_at_step"), ("train", "num_threads")}
+
+# Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
+CheckpointHook = Callable[[dict[str, Any], "Path | None"], None]
+
+
+def check_launch(cfg: Config, world_size: int) -> None:
+    """Constraints that depend on the number of ranks; checked before anything is written."""
+    b = cfg.data.batch_size
+    if cfg.method == "ssgd" and cfg.ssgd.batch_split == "halves" and b % (2 * world_size):
+        raise ConfigError(
+            f"data.batch_size = {b}: 'halves' needs every rank's batch to split in two, so a multiple of "
+            f"2 x {world_size} ranks = {2 * world_size}"
+        )
+    if cfg.method == "ssgd" and cfg.ssgd.batch_split == "paired" and (world_size < 2 or world_size % 2):
+        raise ConfigError(
+            f"ssgd.batch_split = paired: needs an even number of ranks (w+n on even ranks, w-n on odd), "
+            f"got {world_size}; use 'halves' or launch an even number of ranks"
+        )
+
+
+def _config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
+    diffs = []
+    for key in sorted(set(saved) | set(current)):
+        path = prefix + (key,)
+        a, b = saved.get(key), current.get(key)
+        if isinstance(a, dict) and isinstance(b, dict):
+            diffs += _config_differences(a, b, path)
+        elif a != b and path not in RESUMABLE_DIFFERENCES:
+            diffs.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
+    return diffs
+
+
+def check_run_dir(cfg: Config, run_dir: Path) -> None:
+    """Refuse to resume a run directory that holds a different experiment."""
+    saved_path = run_dir / "config.yaml"
+    if not saved_path.exists():
+        return
+    saved = yaml.safe_load(saved_path.read_text()) or {}
+    diffs = _config_differences(saved, cfg.to_dict())
+    if diffs:
+        raise ConfigError(
+            f"--run-dir {run_dir}: holds a run with a different configuration ({'; '.join(diffs[:3])}); "
+            "use a new --run-dir, or the same settings to resume"
+        )
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, ctx: distributed.DistContext, resume_from: Path | None = None):
+        self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
+        if cfg.train.num_threads:
+            torch.set_num_threads(cfg.train.num_threads)
+        check_launch(cfg, ctx.world_size)
+        check_run_dir(cfg, self.run_dir)
+        self.data: Dataset = load_dataset(cfg.data)
+        self.batches = GlobalBatches(len(self.data.y_train), cfg.data.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        steps = cfg.train.epochs * self.batches.steps_per_epoch
+        self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
+
+        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every world size
+        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(ctx.device)
+        self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
+        self.backend = build_backend(cfg, self.model, self.optimizer, ctx.world_size)
+        self.method = build_method(cfg, self.backend.model, ctx.rank, ctx.world_size, self.total_steps)
+        self.step = 0
+        self.skipped = 0
+        self._resume(resume_from)
+
+    # -- state -------------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state = {
+            "model": self.backend.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step,
+            "skipped": self.skipped,
+            "world_size": self.ctx.world_size,
+            "torch_rng": torch.get_rng_state(),
+            "config": json.dumps(self.cfg.to_dict()),
+        }
+        if self.backend.scaler is not None:
+            state["scaler"] = self.backend.scaler.state_dict()
+        return state
+
+    def _resume(self, resume_from: Path | None) -> None:
+        found = load_latest(self.run_dir, map_location=self.ctx.device)
+        if found is None and resume_from is not None:
+            found = load_checkpoint_file(resume_from, map_location=self.ctx.device), resume_from
+        if found is None:
+            return
+        state, path = found
+        self.backend.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
+        torch.set_rng_state(state["torch_rng"].cpu())
+        if self.backend.scaler is not None and "scaler" in state:
+            self.backend.scaler.load_state_dict(state["scaler"])
+        if self.ctx.is_main:
+            print(f"ssgd-dist: resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
+
+    # -- pieces of a step ----------------------------------------------------------------------------
+    def local_batch(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+        idx = self.batches.local_indices(step)
+        x, y = self.data.x_train[idx], self.data.y_train[idx]
+        if self.data.augment:
+            offset = self.ctx.rank * self.batches.local_batch
+            x = augment_images(x, self.cfg.seed, step, offset, self.batches.global_batch)
+        return x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
+
+    @torch.no_grad()
+    def evaluate(self) -> dict[str, float]:
+        """Each rank scores a strided shard of the test set; sums are all-reduced."""
+        model = self.backend.model
+        was_training = model.training
+        model.eval()
+        x_all, y_all = self.data.x_test[self.ctx.rank :: self.ctx.world_size], self.data.y_test[self.ctx.rank :: self.ctx.world_size]
+        totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
+        for start in range(0, len(y_all), self.cfg.data.eval_batch_size):
+            x = x_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
+            y = y_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
+            with self.backend.autocast():
+                logits = model(x)
+            totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+            totals[1] += (logits.argmax(1) == y).sum()
+            totals[2] += len(y)
+        distributed.all_reduce_sum(totals)
+        model.train(was_training)
+        return {"test_loss": float(totals[0] / totals[2]), "test_acc": float(totals[1] / totals[2])}
+
+    def _maybe_crash(self) -> None:
+        """Testing only: one rank dies abruptly, once, to exercise restarts."""
+        at = self.cfg.train.crash_at_step
+        if at is None or self.step + 1 != at or self.ctx.rank != self.ctx.world_size - 1:
+            return
+        marker = self.run_dir / f".crash-injected-{at}"
+        if marker.exists():
+            return
+        marker.touch()
+        os._exit(17)
+
+    # -- the loop ------------------------------------------------------------------------------------
+    def fit(self, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
+        cfg, main = self.cfg, self.ctx.is_main
+        if main:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+        writer = MetricsWriter(self.run_dir, self.step) if main else None
+        spe = self.batches.steps_per_epoch
+        bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.train.progress), unit="step")
+        record: dict[str, Any] = {}
+        start = time.perf_counter()
+        try:
+            while self.step < self.total_steps:
+                self._maybe_crash()
+                set_lr(self.optimizer, lr_at(cfg.optim, cfg.data.batch_size, self.step, self.total_steps))
+                x, y = self.local_batch(self.step)
+                self.model.train()
+                result = self.backend.train_step(self.method, x, y, self.step)
+                if result.skipped:
+                    self.skipped += 1
+                    if self.skipped > cfg.train.max_skips:
+                        raise NonFiniteError(f"{self.skipped} steps skipped for non-finite gradients (train.max_skips = {cfg.train.max_skips})")
+                self.step += 1
+                record = {
+                    "step": self.step,
+                    "epoch": self.step / spe,
+                    "train_loss": result.loss,
+                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "alpha": self.method.alpha(self.step - 1),
+                    "grad_norm": result.grad_norm,
+                    "skipped": self.skipped,
+                    "time": time.perf_counter() - start,
+                }
+                epoch_end = self.step % spe == 0
+                if (epoch_end and (self.step // spe) % cfg.train.eval_every == 0) or self.step == self.total_steps:
+                    record.update(self.evaluate())
+                    bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{record['test_acc']:.3f}")
+                if writer is not None:
+                    writer.write(record)
+                bar.update(1)
+                every = cfg.train.checkpoint_every
+                due = self.step % every == 0 if every else epoch_end
+                if due or self.step == self.total_steps:
+                    self._checkpoint(record, on_checkpoint)
+        except NonFiniteError:
+            if main:
+                (self.run_dir / "nonfinite.json").write_text(json.dumps({"step": self.step, "last": record}) + "\n")
+            raise
+        finally:
+            bar.close()
+            if writer is not None:
+                writer.close()
+        if "test_acc" not in record:  # resumed a finished run: nothing trained, so score it now
+            record = {"step": self.step, **self.evaluate()}
+        final = {k: v for k, v in record.items() if k in ("step", "train_loss", "test_loss", "test_acc")}
+        return {"run_dir": str(self.run_dir), "step": self.step, **final}
+
+    def _checkpoint(self, record: dict[str, Any], hook: CheckpointHook | None) -> None:
+        path = None
+        if self.ctx.is_main:
+            path = save_checkpoint(self.run_dir, self.state_dict(), self.step)
+        distributed.barrier()
+        if hook is not None:
+            hook(record, path)
+
+
+def train(cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+    """Set up the process group (unless the launcher did), train, and always tear down."""
+    ctx = distributed.setup(cfg.device)
+    try:
+        return Trainer(cfg, run_dir, ctx, resume_from).fit(on_checkpoint)
+    finally:
+        distributed.teardown(ctx)
