@@ -80,12 +80,3 @@ def lr_at(cfg: OptimConfig, batch_size: int, step: int, total_steps: int) -> flo
         return peak * 0.5 * (1 + math.cos(math.pi * min(1.0, progress)))
     passed = sum(step >= round(m * total_steps) for m in cfg.milestones)
     return peak * cfg.gamma**passed
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr
-
-
-def trainable(model: nn.Module) -> list[nn.Parameter]:
-    return [p for p in model.parameters() if p.requires_grad]

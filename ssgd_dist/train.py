@@ -29,7 +29,7 @@ from .data import Dataset, GlobalBatches, augment_images, load_dataset
 from .methods import build_method
 from .metrics import MetricsWriter
 from .models import build_model
-from .optimizers import build_optimizer, lr_at, set_lr
+from .optimizers import build_optimizer, lr_at
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_DIFFERENCES = {("train", "progress"), ("train", "crash_at_step"), ("train", "num_threads")}
@@ -103,16 +103,13 @@ class Trainer:
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
         state = {
-            "model": self.backend.model.state_dict(),
-            "optimizer": self.optimizer.state_dict(),
+            **self.backend.state_dict(),
             "step": self.step,
             "skipped": self.skipped,
             "world_size": self.ctx.world_size,
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
         }
-        if self.backend.scaler is not None:
-            state["scaler"] = self.backend.scaler.state_dict()
         return state
 
     def _resume(self, resume_from: Path | None) -> None:
@@ -122,12 +119,9 @@ class Trainer:
         if found is None:
             return
         state, path = found
-        self.backend.model.load_state_dict(state["model"])
-        self.optimizer.load_state_dict(state["optimizer"])
+        self.backend.load_state_dict(state)
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
         torch.set_rng_state(state["torch_rng"].cpu())
-        if self.backend.scaler is not None and "scaler" in state:
-            self.backend.scaler.load_state_dict(state["scaler"])
         if self.ctx.is_main:
             print(f"ssgd-dist: resumed from {path} at step {self.step}/{self.total_steps}", flush=True)
 
@@ -185,7 +179,8 @@ class Trainer:
         try:
             while self.step < self.total_steps:
                 self._maybe_crash()
-                set_lr(self.optimizer, lr_at(cfg.optim, cfg.data.batch_size, self.step, self.total_steps))
+                lr = lr_at(cfg.optim, cfg.data.batch_size, self.step, self.total_steps)
+                self.backend.set_lr(lr)
                 x, y = self.local_batch(self.step)
                 self.model.train()
                 result = self.backend.train_step(self.method, x, y, self.step)
@@ -198,7 +193,7 @@ class Trainer:
                     "step": self.step,
                     "epoch": self.step / spe,
                     "train_loss": result.loss,
-                    "lr": self.optimizer.param_groups[0]["lr"],
+                    "lr": lr,
                     "alpha": self.method.alpha(self.step - 1),
                     "grad_norm": result.grad_norm,
                     "skipped": self.skipped,

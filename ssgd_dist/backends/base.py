@@ -107,6 +107,23 @@ class Backend:
         self.zero_grad()
         return StepResult(loss=float("nan"), grad_norm=float(norm), skipped=not finite)
 
+    def set_lr(self, lr: float) -> None:
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+
+    def state_dict(self) -> dict:
+        """Model and optimizer state, gathered as plain tensors (rank 0's copy is the checkpoint)."""
+        state = {"model": self.model.state_dict(), "optimizer": self.optimizer.state_dict()}
+        if self.scaler is not None:
+            state["scaler"] = self.scaler.state_dict()
+        return state
+
+    def load_state_dict(self, state: dict) -> None:
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        if self.scaler is not None and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
+
     # -- the shared algorithm --------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:
         if self.precision == "fp32":
