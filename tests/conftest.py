@@ -1,0 +1,48 @@
+"""Shared fixtures: a per-session data cache and helpers to run the real CLI."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def data_cache(tmp_path_factory):
+    """Generated data sets (MNIST-1D) are cached once per test session, never in the user's home."""
+    cache = os.environ.get("SSGD_TEST_CACHE") or str(tmp_path_factory.mktemp("data-cache"))
+    os.environ["SSGD_CACHE_DIR"] = cache
+    return Path(cache)
+
+
+TINY = [
+    "--set", "data.num_samples=2000", "--set", "data.batch_size=200", "--set", "model.hidden=[32,32]",
+    "--set", "train.progress=false", "--set", "train.num_threads=1",
+]  # fmt: skip
+
+
+def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "ssgd_dist.cli", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
+    )  # fmt: skip
+
+
+def run_torchrun(nproc: int, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+         "-m", "ssgd_dist.cli", *args],
+        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
+    )  # fmt: skip
+
+
+def final_params(run_dir: Path) -> dict:
+    import torch
+
+    return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
