@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
@@ -41,11 +42,31 @@ def setup(requested_device: str) -> DistContext:
     device = resolve_device(requested_device, local_rank)
     owns = False
     if world_size > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if device.type == "cuda" else "gloo")
+        backend = "nccl" if device.type == "cuda" else "gloo"
+        store = _elastic_attempt_store(world_size)
+        if store is None:
+            dist.init_process_group(backend)
+        else:
+            dist.init_process_group(backend, store=store, rank=rank, world_size=world_size)
         owns = True
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()
     return DistContext(rank, world_size, local_rank, device, owns)
+
+
+def _elastic_attempt_store(world_size: int) -> dist.Store | None:
+    """Under torchrun restarts, a key space of its own for each attempt.
+
+    torchrun shares its rendezvous TCPStore with the workers; after a restart, a new rank 0 can read
+    the previous attempt's gloo addresses from it and fail to connect to the dead worker (pytorch
+    issue 135712). Prefixing the keys with the restart count keeps attempts apart.
+    """
+    if os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
+        return None
+    store = dist.TCPStore(
+        os.environ["MASTER_ADDR"], int(os.environ["MASTER_PORT"]), world_size, is_master=False, timeout=timedelta(minutes=30)
+    )
+    return dist.PrefixStore(f"ssgd-attempt-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def teardown(ctx: DistContext) -> None:

@@ -17,7 +17,7 @@ def test_killed_single_process_run_resumes_exactly(tmp_path):
     full = run_cli(*ARGS, "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     crashed = run_cli(*ARGS, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
-    assert crashed.returncode == 17  # died abruptly after the step-6 checkpoint
+    assert crashed.returncode == -9  # SIGKILLed itself after the step-6 checkpoint
     assert torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["step"] == 6
     resumed = run_cli(*ARGS, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
     assert resumed.returncode == 0, resumed.stderr
