@@ -83,3 +83,33 @@ def test_resuming_a_run_dir_with_another_config_is_refused(tmp_path):
     assert result.returncode == 2
     assert "noise.alpha" in result.stderr and "different configuration" in result.stderr
     assert sorted(p.name for p in run_dir.rglob("*")) == before
+
+
+LAUNCH_BAD = [
+    (["train"], "--config"),  # argparse: the required flag is named
+    (["train", "--config", "quickstart", "--bogus"], "--bogus"),
+    (["report", "/nonexistent/run"], "--out"),
+    (["report", "/nonexistent/run", "--out", "x"], "is not a directory"),
+]
+
+
+@pytest.mark.parametrize("argv, must_mention", LAUNCH_BAD, ids=[" ".join(a) for a, _ in LAUNCH_BAD])
+def test_bad_command_lines_exit_2(argv, must_mention, capsys):
+    try:
+        code = main(argv)
+    except SystemExit as exc:  # argparse's own usage errors
+        code = exc.code
+    assert code == 2
+    assert must_mention in capsys.readouterr().err
+
+
+def test_batch_that_does_not_split_over_ranks_and_halves_is_refused_under_torchrun(tmp_path):
+    from tests.conftest import run_torchrun
+
+    result = run_torchrun(2, "train", "--config", "quickstart", "--set", "data.batch_size=202", "--set",
+                          "data.num_samples=1000", "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    assert result.returncode != 0
+    worker_errors = [line for line in result.stderr.splitlines() if line.startswith("ssgd-dist: error:")]
+    assert len(worker_errors) == 1 and "multiple of 2 x 2 ranks = 4" in worker_errors[0]
+    assert "exitcode  : 2" in result.stderr
+    assert not (tmp_path / "run").exists()
