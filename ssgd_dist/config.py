@@ -31,6 +31,21 @@ class NoiseConfig(_Section):
     targets: Literal["weights", "all"] = "weights"
     schedule: Literal["constant", "warmup", "cosine"] = "constant"
     schedule_fraction: float = Field(0.05, ge=0, le=1, description="warm-up length as a fraction of the run")
+    restore: Literal["copy", "regenerate"] = Field(
+        "copy",
+        description="how w is restored after the noisy passes: 'copy' keeps one copy of the perturbed "
+        "tensors and restores bit-for-bit; 'regenerate' keeps none and draws the noise again to undo it "
+        "(restored to within rounding; docs/performance.md). SAM always copies.",
+    )
+
+    @model_validator(mode="after")
+    def _check_restore(self) -> "NoiseConfig":
+        if self.restore == "regenerate" and self.scale == "elementwise":
+            raise ValueError(
+                "noise.restore = regenerate: noise scaled by |w| (noise.scale = elementwise) cannot be undone "
+                "without a copy of w; use noise.scale=layer_rms, filter_norm or absolute, or noise.restore=copy"
+            )
+        return self
 
 
 class SSGDConfig(_Section):
@@ -86,8 +101,16 @@ class TrainConfig(_Section):
     max_skips: int = Field(10, ge=0)
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
     progress: bool = True
+    bn_recalibrate: bool = Field(
+        False, description="recompute BatchNorm running statistics at w (no noise) before each evaluation"
+    )
+    bn_recalibrate_samples: int = Field(2048, ge=1, description="training examples used by bn_recalibrate")
+    keep_checkpoints: int = Field(2, ge=1, description="newest step-N.pt files kept (older ones are deleted)")
     crash_at_step: int | None = Field(
-        None, ge=1, description="testing only: rank 1 (or 0 alone) exits abruptly once at this step"
+        None, ge=1, description="testing only: the last rank SIGKILLs itself once at this step"
+    )
+    nan_at_step: int | None = Field(
+        None, ge=1, description="testing only: rank 0's inputs are NaN at this step (exercises on_nonfinite)"
     )
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -32,7 +33,13 @@ from .models import build_model
 from .optimizers import build_optimizer, lr_at
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_DIFFERENCES = {("train", "progress"), ("train", "crash_at_step"), ("train", "num_threads")}
+RESUMABLE_DIFFERENCES = {
+    ("train", "progress"),
+    ("train", "crash_at_step"),
+    ("train", "nan_at_step"),
+    ("train", "num_threads"),
+    ("train", "keep_checkpoints"),
+}
 
 # Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
 CheckpointHook = Callable[[dict[str, Any], "Path | None"], None]
@@ -139,6 +146,10 @@ class Trainer:
         """Each rank scores a strided shard of the test set; sums are all-reduced."""
         model = self.backend.model
         was_training = model.training
+        if self.cfg.train.bn_recalibrate:
+            from .flatness import recalibrate_bn
+
+            recalibrate_bn(model, self.data.x_train, self.cfg.train.bn_recalibrate_samples, self.cfg.data.eval_batch_size, self.cfg.seed, self.ctx)
         model.eval()
         x_all, y_all = self.data.x_test[self.ctx.rank :: self.ctx.world_size], self.data.y_test[self.ctx.rank :: self.ctx.world_size]
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
@@ -163,7 +174,7 @@ class Trainer:
         if marker.exists():
             return
         marker.touch()
-        os._exit(17)
+        os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the loop ------------------------------------------------------------------------------------
     def fit(self, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
@@ -182,6 +193,8 @@ class Trainer:
                 lr = lr_at(cfg.optim, cfg.data.batch_size, self.step, self.total_steps)
                 self.backend.set_lr(lr)
                 x, y = self.local_batch(self.step)
+                if cfg.train.nan_at_step == self.step + 1 and main:
+                    x = torch.full_like(x, float("nan"))
                 self.model.train()
                 result = self.backend.train_step(self.method, x, y, self.step)
                 if result.skipped:
@@ -225,8 +238,10 @@ class Trainer:
 
     def _checkpoint(self, record: dict[str, Any], hook: CheckpointHook | None) -> None:
         path = None
+        # A backend with sharded state (DeepSpeed ZeRO 1/2) gathers it collectively: every rank calls in.
+        state = self.state_dict() if self.ctx.is_main or getattr(self.backend, "collective_state_dict", False) else None
         if self.ctx.is_main:
-            path = save_checkpoint(self.run_dir, self.state_dict(), self.step)
+            path = save_checkpoint(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
         distributed.barrier()
         if hook is not None:
             hook(record, path)

@@ -1,0 +1,61 @@
+"""DeepSpeed inside Ray Train workers: ``ray job submit -- python launch/ray_job.py --set backend=deepspeed``.
+
+A real token-authenticated local Ray head (``tests.ray_cluster``); the reference is a DDP run of the same
+config under torchrun. Slow (a Ray head plus a job): ``-m "not slow"`` leaves it out.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import subprocess
+import sys
+import pytest
+import torch
+
+from tests.conftest import REPO
+
+pytestmark = [
+    pytest.mark.deepspeed,
+    pytest.mark.ray,
+    pytest.mark.slow,
+    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed"),
+    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install -e '.[ray]'"),
+]
+
+TINY = [
+    "--config", "quickstart", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2",
+    "--set", "data.num_samples=2000", "--set", "data.batch_size=200", "--set", "model.hidden=[32,32]",
+    "--set", "train.num_threads=1", "--set", "train.progress=false",
+]  # fmt: skip
+
+
+def test_ray_train_workers_run_the_deepspeed_backend(tmp_path):
+    from tests.ray_cluster import start_cluster
+
+    reference = tmp_path / "ddp"
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
+         "-m", "ssgd_dist.cli", "train", *TINY, "--set", "backend=ddp", "--run-dir", str(reference)],
+        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )  # fmt: skip
+    assert proc.returncode == 0, proc.stderr[-3000:]
+
+    cluster = start_cluster(num_cpus=2, log_dir=tmp_path / "ray-head")
+    try:
+        storage = tmp_path / "storage"
+        job = cluster.submit(
+            ["python", "launch/ray_job.py", "--num-workers", "2", *TINY, "--set", "backend=deepspeed",
+             "--set", "deepspeed.zero_stage=2", "--storage-path", str(storage), "--name", "ds"],
+            timeout=500,
+        )  # fmt: skip
+    finally:
+        cluster.stop()
+    assert job.returncode == 0, f"{job.stdout[-6000:]}\n{job.stderr[-3000:]}"
+    got = torch.load(storage / "ds" / "checkpoints" / "last.pt", weights_only=True)
+    want = torch.load(reference / "checkpoints" / "last.pt", weights_only=True)
+    assert got["step"] == 4
+    worst = max(float((got["model"][k].double() - want["model"][k].double()).abs().max()) for k in want["model"])
+    assert worst <= 1e-5
+    # Ray's own checkpoint (a run directory) holds the same state
+    assert (storage / "ds" / "checkpoint-step-00000004" / "checkpoints" / "last.pt").is_file()
