@@ -46,3 +46,23 @@ def final_params(run_dir: Path) -> dict:
     import torch
 
     return torch.load(Path(run_dir) / "checkpoints" / "last.pt", weights_only=True)["model"]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(tmp_path_factory):
+    """One real local Ray head per test session: 2 CPUs, free ports, token auth, always stopped.
+
+    ``ray_cluster.env`` is a client environment holding the token; ``ray_cluster.submit([...])``
+    runs ``ray job submit --working-dir <repo>`` and waits. Shared by the Ray and Kubernetes tests.
+    """
+    import importlib.util
+
+    if importlib.util.find_spec("ray") is None:
+        pytest.skip("ray is not installed (pip install -e '.[ray]'): the Ray tests need a real local cluster")
+    from tests.ray_cluster import start_cluster
+
+    cluster = start_cluster(num_cpus=2, log_dir=tmp_path_factory.mktemp("ray-head"))
+    try:
+        yield cluster
+    finally:
+        cluster.stop()
