@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from .config import Config, ConfigError
-from .noise import Perturber, alpha_at, draw_noise, noise_generator, select_targets
+from .noise import Perturber, alpha_at, select_targets
 
 Part = Literal["all", "even", "odd"]
 
@@ -38,7 +38,7 @@ class Method:
         self.rank = rank
         self.world_size = world_size
         self.total_steps = max(1, total_steps)
-        self.perturber = Perturber(select_targets(model, cfg.noise.targets))
+        self.perturber = Perturber(select_targets(model, cfg.noise.targets), restore=cfg.noise.restore)
 
     def passes(self) -> list[Pass]:
         return [Pass("all", 1.0)]
@@ -54,12 +54,7 @@ class Method:
         return alpha_at(n.alpha, n.schedule, n.schedule_fraction, step, self.total_steps)
 
     def _add_noise(self, step: int, distribution: str, sign: float = 1.0) -> None:
-        params = self.perturber.params
-        if not params:
-            return
-        gen = noise_generator(self.cfg.seed, step, params[0].device)
-        self.perturber.save()
-        self.perturber.add(draw_noise(params, distribution, self.cfg.noise.scale, self.alpha(step), gen), sign)
+        self.perturber.perturb(self.cfg.seed, step, distribution, self.cfg.noise.scale, self.alpha(step), sign)
 
 
 class SGD(Method):

@@ -1,0 +1,86 @@
+#!/usr/bin/env bash
+# The GPU benchmark in one go, about 3 minutes on one H100:
+#   bash bench/gpu_check.sh [OUT_DIR]          (default bench-gpu/; PYTHON=python3, BATCH=1024, STEPS=30)
+# 1. sanity: S-SGD steps on CUDA through an NCCL process group with bf16 autocast, and fp16 with
+#    GradScaler; the noise step (perturb, mirror, restore, both noise.restore modes) run under
+#    torch.cuda.set_sync_debug_mode("error"), i.e. with no host sync; the host syncs of a whole step counted.
+# 2. `ssgd-dist train` under torchrun (NCCL, bf16), 20 steps on synthetic data.
+# 3. `ssgd-dist bench`: resnet20, bf16, global batch 1024 on one GPU, with the projection; JSON and table.
+# Targets (issue 7): ssgd-halves <= 1.02 x sgd-ga2 and <= 1.05 x sgd; noise_fraction <= 0.01.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+OUT=${1:-${OUT:-bench-gpu}}
+PY=${PYTHON:-python3}
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+mkdir -p "$OUT"
+RUN_DIR=$(mktemp -d)
+trap 'rm -rf "$RUN_DIR"' EXIT
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm --format=csv | tee "$OUT/gpu.txt" || true
+
+echo "== 1. sanity: NCCL, bf16, fp16, no host sync in the noise step"
+timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT/sanity.txt"
+import math, socket, warnings
+import torch, torch.distributed as dist
+from ssgd_dist.backends.ddp import DDPBackend
+from ssgd_dist.config import Config
+from ssgd_dist.methods import build_method
+from ssgd_dist.models import CifarResNet
+from ssgd_dist.noise import Perturber, select_targets
+
+assert torch.cuda.is_available(), "no CUDA device"
+dev = torch.device("cuda", 0)
+torch.cuda.set_device(dev)
+with socket.socket() as s:
+    s.bind(("127.0.0.1", 0)); port = s.getsockname()[1]
+dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1, device_id=dev)
+print("torch", torch.__version__, "on", torch.cuda.get_device_name(dev), "backend", dist.get_backend())
+x = torch.randn(512, 3, 32, 32, device=dev); y = torch.randint(0, 10, (512,), device=dev)
+for precision in ("bf16", "fp16"):
+    torch.manual_seed(0)
+    model = CifarResNet(20, 10).to(dev)
+    backend = DDPBackend(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), precision=precision,
+                         clip_grad_norm=5.0, on_nonfinite="skip")
+    method = build_method(Config(method="ssgd"), model, 0, 1)
+    results = [backend.train_step(method, x, y, step) for step in range(30)]
+    losses = [r.loss for r in results]
+    skipped = sum(r.skipped for r in results)
+    ok = all(math.isfinite(v) for v in losses[skipped:]) and losses[-1] < losses[0]
+    ok &= all(bool(torch.isfinite(p).all()) and p.dtype == torch.float32 for p in model.parameters())
+    print(f"{precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {skipped} skipped, finite fp32 weights: {ok}")
+    assert ok, precision
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            backend.train_step(method, x, y, 99)
+        finally:
+            torch.cuda.set_sync_debug_mode(0)
+    print(f"{precision}: host syncs in one whole train_step: {sum('synchroniz' in str(w.message) for w in caught)}")
+for mode in ("copy", "regenerate"):
+    pert = Perturber(select_targets(model, "weights"), restore=mode)
+    before = [p.detach().clone() for p in pert.params]
+    torch.cuda.synchronize()
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        pert.perturb(0, 1, "rademacher", "layer_rms", 0.3)
+        pert.reflect()
+        pert.restore()
+    finally:
+        torch.cuda.set_sync_debug_mode(0)
+    drift = max(float((p - b).abs().max()) for p, b in zip(pert.params, before))
+    print(f"noise step, restore={mode}: no host sync; max |w_restored - w| = {drift:.3g}")
+    assert mode == "regenerate" or drift == 0.0
+dist.destroy_process_group()
+print("sanity: OK")
+EOF
+
+echo "== 2. train under torchrun (NCCL, bf16)"
+timeout 180 "$PY" -m torch.distributed.run --standalone --nproc_per_node=1 -m ssgd_dist.cli train --config quickstart \
+  --set device=cuda --set train.precision=bf16 --set data.name=synthetic --set data.batch_size=256 \
+  --set optim.lr=0.1 --set train.max_steps=20 --set train.progress=false --set train.checkpoint_every=20 \
+  --run-dir "$RUN_DIR" 2>&1 | tail -n 3 | tee "$OUT/train.txt"
+
+echo "== 3. bench: resnet20, bf16, batch ${BATCH:-1024}, 1 GPU"
+timeout 360 "$PY" -m ssgd_dist.cli bench --device cuda --world-size 1 --model resnet20 --precision bf16 \
+  --batch-size "${BATCH:-1024}" --steps "${STEPS:-30}" --warmup 5 --project \
+  --json "$OUT/bench-resnet20-bf16-b${BATCH:-1024}.json" 2>&1 | tee "$OUT/bench.txt"
