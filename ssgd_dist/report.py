@@ -1,15 +1,29 @@
-"""Comparison tables (markdown) and plots (PNG) from run directories."""
+"""Comparison tables (markdown) and plots (PNG) from run directories.
+
+``write_report(run_dirs, out)`` writes ``out/report.md`` and ``out/summary.json`` with, per method and
+batch size, the test accuracy over seeds (mean +- sample std), the difference to small-batch SGD, the
+paired gain over SGD at the same batch (same seed: same initial weights and batch order), and the
+sharpness measured by ``ssgd-dist flatness`` (when ``RUN_DIR/flatness/flatness.json`` exists); and the
+plots: test accuracy vs batch size, learning curves, sharpness vs accuracy, perturbation sharpness vs
+radius, and 1-D / 2-D loss landscapes.
+"""
 
 from __future__ import annotations
 
+import json
+import math
 import statistics
 from collections import defaultdict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .metrics import read_metrics
+
+METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam"]
+NA = "—"
 
 
 @dataclass
@@ -22,6 +36,25 @@ class RunSummary:
     test_acc: float | None
     test_loss: float | None
     curve: list[tuple[float, float]]  # (epoch, test_acc) at evaluations
+    diverged: bool = False
+    step: int | None = None
+    train_loss: float | None = None
+    flatness: dict[str, Any] | None = field(default=None, repr=False)
+
+    # sharpness shortcuts (None when not measured)
+    @property
+    def top_eigenvalue(self) -> float | None:
+        return (self.flatness or {}).get("hessian", {}).get("top_eigenvalue")
+
+    @property
+    def hessian_trace(self) -> float | None:
+        return (self.flatness or {}).get("hessian", {}).get("trace")
+
+    def loss_increase(self, radius: float) -> float | None:
+        for row in (self.flatness or {}).get("perturbation", []):
+            if math.isclose(row["radius"], radius, rel_tol=1e-9):
+                return row["loss_increase"]
+        return None
 
 
 def method_label(cfg: dict) -> str:
@@ -31,65 +64,428 @@ def method_label(cfg: dict) -> str:
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
-    cfg = yaml.safe_load((Path(run_dir) / "config.yaml").read_text())
-    evals = [r for r in read_metrics(run_dir) if "test_acc" in r]
+    run_dir = Path(run_dir)
+    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    label = method_label(cfg)
+    info_path = run_dir / "sweep.json"
+    if info_path.exists():
+        label = json.loads(info_path.read_text()).get("label") or label
+    records = read_metrics(run_dir)
+    evals = [r for r in records if "test_acc" in r]
     last = evals[-1] if evals else {}
+    diverged = (run_dir / "nonfinite.json").exists()
+    flat_path = run_dir / "flatness" / "flatness.json"
+    flat = json.loads(flat_path.read_text()) if flat_path.exists() and not diverged else None
     return RunSummary(
-        Path(run_dir),
+        run_dir,
         cfg["method"],
-        method_label(cfg),
+        label,
         cfg["data"]["batch_size"],
         cfg["seed"],
-        last.get("test_acc"),
-        last.get("test_loss"),
+        None if diverged else last.get("test_acc"),
+        None if diverged else last.get("test_loss"),
         [(r["epoch"], r["test_acc"]) for r in evals],
+        diverged=diverged,
+        step=records[-1]["step"] if records else None,
+        train_loss=records[-1].get("train_loss") if records else None,
+        flatness=flat,
     )
+
+
+def collect_run_dirs(paths: list[Path | str]) -> list[Path]:
+    """Run directories among ``paths``: each path is a run directory or a folder holding some (a sweep)."""
+    found: list[Path] = []
+    for p in map(Path, paths):
+        if (p / "config.yaml").is_file():
+            found.append(p)
+        elif p.is_dir():
+            found += sorted(
+                c.parent for c in p.rglob("config.yaml") if not any(part.startswith(".") for part in c.relative_to(p).parts)
+            )
+    seen, unique = set(), []
+    for d in found:
+        if d.resolve() not in seen:
+            seen.add(d.resolve())
+            unique.append(d)
+    return unique
 
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
 
 
-def comparison_table(runs: list[RunSummary]) -> str:
-    """Markdown: one row per (method, batch size), test accuracy mean +- std over seeds."""
-    groups: dict[tuple[str, int], list[float]] = defaultdict(list)
+def _label_key(label: str) -> tuple[int, str]:
+    base = label.split()[0].split("-")[0]
+    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
+
+
+def _fmt(x: float | None, spec: str = ".3g") -> str:
+    return NA if x is None or not math.isfinite(x) else format(x, spec)
+
+
+# -- statistics per (method, batch size) -------------------------------------------------------------
+@dataclass
+class CellStats:
+    label: str
+    batch_size: int
+    runs: list[RunSummary]
+    accs: dict[int, float]  # seed -> test accuracy (%), finished runs only
+    diverged: int
+    mean: float | None
+    std: float | None
+    gap_to_small_batch_sgd: float | None = None
+    paired_gain: float | None = None
+    paired_gain_std: float | None = None
+    paired_positive: int = 0
+    paired_count: int = 0
+    top_eigenvalue: float | None = None
+    hessian_trace: float | None = None
+    loss_increase: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        d = {k: v for k, v in self.__dict__.items() if k != "runs"}
+        d["accs"] = {str(k): v for k, v in self.accs.items()}
+        d["runs"] = [str(r.run_dir) for r in self.runs]
+        return d
+
+
+def _mean_of(values: list[float | None]) -> float | None:
+    vals = [v for v in values if v is not None and math.isfinite(v)]
+    return statistics.fmean(vals) if vals else None
+
+
+def default_radius(runs: list[RunSummary]) -> float | None:
+    """The median of the radii every measured run has (0.05 with the default radii)."""
+    sets = [{row["radius"] for row in r.flatness.get("perturbation", [])} for r in runs if r.flatness]
+    common = sorted(set.intersection(*sets)) if sets else []
+    return common[(len(common) - 1) // 2] if common else None
+
+
+def sgd_reference_label(runs: list[RunSummary]) -> str | None:
+    labels = sorted({r.label for r in runs if r.method == "sgd"}, key=lambda s: (s != "sgd", s))
+    return labels[0] if labels else None
+
+
+def cell_stats(runs: list[RunSummary], radius: float | None = None) -> list[CellStats]:
+    groups: dict[tuple[str, int], list[RunSummary]] = defaultdict(list)
     for r in runs:
-        if r.test_acc is not None:
-            groups[(r.label, r.batch_size)].append(100 * r.test_acc)
-    lines = ["| method | batch | seeds | test acc (%) |", "|---|---:|---:|---:|"]
-    for (label, batch), accs in sorted(groups.items(), key=lambda kv: (kv[0][1], kv[0][0])):
-        mean, std = _mean_std(accs)
-        lines.append(f"| {label} | {batch} | {len(accs)} | {mean:.2f} +- {std:.2f} |")
+        groups[(r.label, r.batch_size)].append(r)
+    cells = []
+    for (label, batch), members in groups.items():
+        members.sort(key=lambda r: r.seed)
+        accs = {r.seed: 100 * r.test_acc for r in members if r.test_acc is not None}
+        mean, std = _mean_std(list(accs.values())) if accs else (None, None)
+        cell = CellStats(label, batch, members, accs, sum(r.diverged for r in members), mean, std)
+        cell.top_eigenvalue = _mean_of([r.top_eigenvalue for r in members])
+        cell.hessian_trace = _mean_of([r.hessian_trace for r in members])
+        if radius is not None:
+            cell.loss_increase = _mean_of([r.loss_increase(radius) for r in members])
+        cells.append(cell)
+    ref_label = sgd_reference_label(runs)
+    by_key = {(c.label, c.batch_size): c for c in cells}
+    if ref_label is not None:
+        sgd_batches = sorted(c.batch_size for c in cells if c.label == ref_label and c.mean is not None)
+        small = by_key[(ref_label, sgd_batches[0])] if sgd_batches else None
+        for c in cells:
+            if small is not None and c.mean is not None:
+                c.gap_to_small_batch_sgd = c.mean - small.mean
+            base = by_key.get((ref_label, c.batch_size))
+            if base is None or c.label == ref_label:
+                continue
+            diffs = [c.accs[s] - base.accs[s] for s in sorted(set(c.accs) & set(base.accs))]
+            if diffs:
+                c.paired_gain, c.paired_gain_std = _mean_std(diffs)
+                c.paired_positive, c.paired_count = sum(d > 0 for d in diffs), len(diffs)
+    cells.sort(key=lambda c: (c.batch_size, _label_key(c.label)))
+    return cells
+
+
+def comparison_table(runs: list[RunSummary], radius: float | None = None) -> str:
+    """Markdown: one row per (method, batch size); accuracy mean +- std over seeds, gaps, sharpness."""
+    if radius is None:
+        radius = default_radius(runs)
+    cells = cell_stats(runs, radius)
+    ref = sgd_reference_label(runs)
+    small = min((c.batch_size for c in cells if c.label == ref), default=None)
+    gap_head = f"vs SGD@{small} (pts)" if small is not None else "vs small-batch SGD (pts)"
+    flat = any(r.flatness for r in runs)
+    head = ["method", "batch", "seeds", "test acc (%)", gap_head, "paired gain vs SGD (pts)", "seeds better"]
+    if flat:
+        head += ["λ_max", "tr(H)", f"ΔL (r={radius:g})" if radius is not None else "ΔL"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
+    for c in cells:
+        seeds = f"{len(c.accs)}" + (f" (+{c.diverged} diverged)" if c.diverged else "")
+        acc = f"{c.mean:.2f} ± {c.std:.2f}" if c.mean is not None else NA
+        gap = f"{c.gap_to_small_batch_sgd:+.2f}" if c.gap_to_small_batch_sgd is not None else NA
+        gain = f"{c.paired_gain:+.2f} ± {c.paired_gain_std:.2f}" if c.paired_gain is not None else NA
+        better = f"{c.paired_positive}/{c.paired_count}" if c.paired_count else NA
+        row = [c.label, str(c.batch_size), seeds, acc, gap, gain, better]
+        if flat:
+            row += [_fmt(c.top_eigenvalue), _fmt(c.hessian_trace), _fmt(c.loss_increase)]
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
 
-def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
+def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
+    head = ["method", "batch", "seed", "test acc (%)", "final train loss", "λ_max", "tr(H)", f"ΔL (r={radius:g})" if radius else "ΔL", "run"]
+    lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
+    for r in sorted(runs, key=lambda r: (r.batch_size, _label_key(r.label), r.seed)):
+        acc = "diverged" if r.diverged else _fmt(100 * r.test_acc if r.test_acc is not None else None, ".2f")
+        lines.append(
+            "| " + " | ".join([r.label, str(r.batch_size), str(r.seed), acc, _fmt(r.train_loss, ".4f"), _fmt(r.top_eigenvalue),
+                               _fmt(r.hessian_trace), _fmt(r.loss_increase(radius) if radius else None), f"`{r.run_dir.name}`"]) + " |"
+        )  # fmt: skip
+    return "\n".join(lines)
+
+
+# -- plots -------------------------------------------------------------------------------------------
+def _plt():
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(6.4, 4.2))
-    for r in runs:
-        if r.curve:
-            epochs, accs = zip(*r.curve)
-            ax.plot(epochs, [100 * a for a in accs], label=f"{r.label} (batch {r.batch_size}, seed {r.seed})")
-    ax.set_title("Test accuracy during training")
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("test accuracy (%)")
+    return plt
+
+
+def _log_axis(axis) -> None:
+    """A log axis labelled at 1, 2, 5 x 10^k in plain numbers (no overlapping minor labels)."""
+    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
+
+    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    axis.set_major_formatter(FormatStrFormatter("%g"))
+    axis.set_minor_formatter(NullFormatter())
+
+
+def _legend(ax, **kwargs) -> None:
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=kwargs.pop("fontsize", 8), **kwargs)
+
+
+def _colors(labels: list[str]) -> dict[str, Any]:
+    plt = _plt()
+    cmap = plt.get_cmap("tab10")
+    return {label: cmap(i % 10) for i, label in enumerate(sorted(set(labels), key=_label_key))}
+
+
+def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") -> None:
+    """The paper's central picture: test accuracy (mean +- std over seeds) against the batch size."""
+    plt = _plt()
+    colors = _colors([c.label for c in cells])
+    fig, ax = plt.subplots(figsize=(6.4, 4.4))
+    by_label: dict[str, list[CellStats]] = defaultdict(list)
+    for c in cells:
+        if c.mean is not None:
+            by_label[c.label].append(c)
+    for label in sorted(by_label, key=_label_key):
+        cs = sorted(by_label[label], key=lambda c: c.batch_size)
+        ax.errorbar([c.batch_size for c in cs], [c.mean for c in cs], yerr=[c.std for c in cs], marker="o", capsize=4,
+                    color=colors[label], label=label)  # fmt: skip
+    ax.set_xscale("log", base=2)
+    batches = sorted({c.batch_size for c in cells})
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.set_title(title or "Test accuracy vs batch size (mean ± std over seeds)")
+    ax.set_xlabel("global batch size (samples, log scale)")
+    ax.set_ylabel("final test accuracy (%)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _legend(ax)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
 
 
-def write_report(run_dirs: list[Path], out: Path) -> Path:
+def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
+    """Test accuracy during training, mean over seeds (band: +- std), one panel per batch size."""
+    import numpy as np
+
+    plt = _plt()
+    colors = _colors([r.label for r in runs])
+    batches = sorted({r.batch_size for r in runs})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        groups: dict[str, list[RunSummary]] = defaultdict(list)
+        for r in runs:
+            if r.batch_size == batch and r.curve and not r.diverged:
+                groups[r.label].append(r)
+        for label in sorted(groups, key=_label_key):
+            curves = groups[label]
+            n = min(len(r.curve) for r in curves)
+            epochs = [e for e, _ in curves[0].curve[:n]]
+            accs = np.array([[100 * a for _, a in r.curve[:n]] for r in curves])
+            mean = accs.mean(0)
+            ax.plot(epochs, mean, color=colors[label], label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            if len(curves) > 1:
+                std = accs.std(0, ddof=1)
+                ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
+        ax.set_title(f"Test accuracy during training, batch {batch}")
+        ax.set_xlabel("epoch")
+        ax.set_ylabel("test accuracy (%)")
+        ax.grid(alpha=0.3)
+        _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, path: Path) -> None:
+    """Every run as a point: sharpness (x, log) against test accuracy (y); colour: method, marker: batch."""
+    plt = _plt()
+    measured = [r for r in runs if r.flatness and r.test_acc is not None]
+    colors = _colors([r.label for r in measured])
+    markers = dict(zip(sorted({r.batch_size for r in measured}), "osD^vP*X"))
+    panels = [("top Hessian eigenvalue λ_max", "Top Hessian eigenvalue", lambda r: r.top_eigenvalue)]
+    if radius is not None:
+        panels.append((f"loss increase under random perturbation, r = {radius:g}", "Random-perturbation sharpness", lambda r: r.loss_increase(radius)))
+    panels.append(("Hessian trace (Hutchinson)", "Hessian trace", lambda r: r.hessian_trace))
+    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.2, 4.4), squeeze=False, layout="constrained")
+    for ax, (name, short, get) in zip(axes[0], panels):
+        for label in sorted({r.label for r in measured}, key=_label_key):
+            for batch, marker in markers.items():
+                pts = [(get(r), 100 * r.test_acc) for r in measured if r.label == label and r.batch_size == batch and get(r) is not None and get(r) > 0]
+                if pts:
+                    xs, ys = zip(*pts)
+                    ax.scatter(xs, ys, color=colors[label], marker=marker, label=f"{label}, batch {batch}", alpha=0.8)
+        ax.set_xscale("log")
+        _log_axis(ax.xaxis)
+        ax.set_xlabel(f"{name} (log scale)")
+        ax.set_ylabel("final test accuracy (%)")
+        ax.set_title(f"{short} vs test accuracy", fontsize=10)
+        ax.grid(alpha=0.3, which="both")
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    if handles:
+        fig.legend(handles, labels, fontsize=8, loc="outside right center", title="method, batch (one point per run)", title_fontsize=8)
+    fig.suptitle("Flatter solutions (left in each panel) against test accuracy")
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
+    import numpy as np
+
+    plt = _plt()
+    measured = [r for r in runs if r.flatness and r.flatness.get("perturbation")]
+    colors = _colors([r.label for r in measured])
+    batches = sorted({r.batch_size for r in measured})
+    fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
+    for ax, batch in zip(axes[0], batches):
+        for label in sorted({r.label for r in measured if r.batch_size == batch}, key=_label_key):
+            rows = [r.flatness["perturbation"] for r in measured if r.label == label and r.batch_size == batch]
+            radii = [row["radius"] for row in rows[0]]
+            values = np.array([[row["loss_increase"] for row in rs[: len(radii)]] for rs in rows if len(rs) >= len(radii)])
+            mean = np.clip(values.mean(0), 1e-8, None)
+            ax.plot(radii, mean, marker="o", color=colors[label], label=f"{label} ({len(values)} seed{'s' if len(values) > 1 else ''})")
+            if len(values) > 1:
+                std = values.std(0, ddof=1)
+                ax.fill_between(radii, np.clip(mean - std, 1e-8, None), mean + std, color=colors[label], alpha=0.15)
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        _log_axis(ax.xaxis)
+        ax.set_title(f"Loss increase under random weight noise, batch {batch}", fontsize=10)
+        ax.set_xlabel("relative radius r (||n_i|| = r ||w_i||, log scale)")
+        ax.set_ylabel("E[L(w+n)] - L(w), training loss (log scale)")
+        ax.grid(alpha=0.3, which="both")
+        _legend(ax)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
+    """1-D: mean curve over seeds per method, one panel per batch size; 2-D: the lowest seed's map."""
+    import numpy as np
+
+    from .flatness import plot_landscape_2d
+
+    written = []
+    plt = _plt()
+    one_d = [r for r in runs if r.flatness and "landscape_1d" in r.flatness]
+    if one_d:
+        colors = _colors([r.label for r in one_d])
+        batches = sorted({r.batch_size for r in one_d})
+        fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
+        for ax, batch in zip(axes[0], batches):
+            for label in sorted({r.label for r in one_d if r.batch_size == batch}, key=_label_key):
+                lands = [r.flatness["landscape_1d"] for r in one_d if r.label == label and r.batch_size == batch]
+                alphas = lands[0]["alphas"]
+                losses = np.array([land["loss"] for land in lands if len(land["loss"]) == len(alphas)])
+                ax.plot(alphas, losses.mean(0), color=colors[label], label=f"{label} ({len(losses)} seed{'s' if len(losses) > 1 else ''})")
+            ax.set_yscale("log")
+            ax.set_title(f"1-D loss landscape (Li et al. 2018), batch {batch}", fontsize=10)
+            ax.set_xlabel("alpha along a filter-normalised random direction")
+            ax.set_ylabel("training loss (log scale), mean over seeds")
+            ax.grid(alpha=0.3, which="both")
+            _legend(ax)
+        fig.tight_layout()
+        fig.savefig(out / "landscape_1d.png", dpi=110)
+        plt.close(fig)
+        written.append("landscape_1d.png")
+    two_d = [r for r in runs if r.flatness and "landscape_2d" in r.flatness]
+    if two_d:
+        panels, per_batch = {}, []
+        for batch in sorted({r.batch_size for r in two_d}):
+            labels = sorted({r.label for r in two_d if r.batch_size == batch}, key=_label_key)
+            per_batch.append(len(labels))
+            for label in labels:
+                first = min((r for r in two_d if r.label == label and r.batch_size == batch), key=lambda r: r.seed)
+                panels[f"{label}, batch {batch} (seed {first.seed})"] = first.flatness["landscape_2d"]
+        title = "2-D loss landscapes (filter-normalised directions, shared colour scale)"
+        plot_landscape_2d(panels, out / "landscape_2d.png", title, cols=max(per_batch))
+        written.append("landscape_2d.png")
+    return written
+
+
+# -- the report --------------------------------------------------------------------------------------
+def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radius: float | None = None) -> Path:
+    out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = [summarize_run(d) for d in run_dirs]
-    table = comparison_table(runs)
+    if radius is None:
+        radius = default_radius(runs)
+    cells = cell_stats(runs, radius)
+    table = comparison_table(runs, radius)
+    plots = []
+    plot_accuracy_vs_batch(cells, out / "accuracy_vs_batch.png")
+    plots.append(("Test accuracy vs batch size", "accuracy_vs_batch.png"))
     plot_learning_curves(runs, out / "learning_curves.png")
-    text = f"# ssgd-dist report\n\n{table}\n\n![learning curves](learning_curves.png)\n\nRuns:\n"
-    text += "".join(f"- `{r.run_dir}`\n" for r in runs)
-    (out / "report.md").write_text(text)
+    plots.append(("Learning curves", "learning_curves.png"))
+    if any(r.flatness for r in runs):
+        plot_sharpness_vs_accuracy(runs, radius, out / "sharpness_vs_accuracy.png")
+        plots.append(("Sharpness vs accuracy", "sharpness_vs_accuracy.png"))
+        plot_perturbation_curves(runs, out / "perturbation.png")
+        plots.append(("Loss increase under random weight noise", "perturbation.png"))
+        for name in plot_landscapes(runs, out):
+            plots.append(("1-D loss landscapes" if "1d" in name else "2-D loss landscapes", name))
+    ref = sgd_reference_label(runs)
+    text = [f"# {title or 'ssgd-dist report'}\n", table, ""]
+    text.append(
+        "Test accuracy: final evaluation, mean ± sample std over seeds (diverged runs are counted, not averaged). "
+        f"`vs SGD@b`: difference of the mean to `{ref}` at its smallest batch size. `paired gain`: mean ± std over "
+        f"seeds of (method - `{ref}`) at the same batch size and seed (same initial weights and batch order); "
+        "`seeds better`: how many of those differences are positive."
+        if ref
+        else "Test accuracy: final evaluation, mean ± sample std over seeds."
+    )
+    if any(r.flatness for r in runs):
+        text.append(
+            "\nSharpness (`ssgd-dist flatness`, training-set subset, eval mode; mean over seeds): `λ_max` the top "
+            "Hessian eigenvalue (power iteration), `tr(H)` the Hessian trace (Hutchinson), "
+            f"`ΔL (r={radius:g})` the expected training-loss increase under random weight noise with "
+            f"||n_i|| = {radius:g} ||w_i|| per weight tensor. Lower is flatter."
+            if radius is not None
+            else ""
+        )
+    text.append("")
+    for name, file in plots:
+        text.append(f"## {name}\n\n![{name}]({file})\n")
+    text.append("## Every run\n")
+    text.append(per_run_table(runs, radius))
+    text.append("")
+    (out / "report.md").write_text("\n".join(text) + "\n")
+    summary = {"radius": radius, "reference": ref, "cells": [c.to_dict() for c in cells],
+               "runs": [{"run_dir": str(r.run_dir), "label": r.label, "method": r.method, "batch_size": r.batch_size,
+                         "seed": r.seed, "test_acc": r.test_acc, "diverged": r.diverged, "top_eigenvalue": r.top_eigenvalue,
+                         "hessian_trace": r.hessian_trace, "loss_increase": r.loss_increase(radius) if radius else None}
+                        for r in runs]}  # fmt: skip
+    (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return out / "report.md"
