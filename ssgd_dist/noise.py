@@ -44,6 +44,12 @@ RESTORE_MODES = ("copy", "regenerate")
 _SQRT3 = math.sqrt(3.0)
 
 
+def _norms(ts: list[torch.Tensor]) -> tuple[torch.Tensor, ...]:
+    """L2 norms accumulated in at least fp32 (bf16/fp16 sums lose digits), float64 kept as is."""
+    dtype = torch.float64 if any(t.dtype == torch.float64 for t in ts) else torch.float32
+    return torch._foreach_norm(ts, 2, dtype=dtype)
+
+
 def sample_unit_(ts: list[torch.Tensor], distribution: str, gen: torch.Generator) -> None:
     """Fill each tensor in place with xi (E[xi^2] = 1 per element; sphere: ||xi||^2 = numel), in order.
 
@@ -60,7 +66,7 @@ def sample_unit_(ts: list[torch.Tensor], distribution: str, gen: torch.Generator
         for t in ts:
             t.normal_(generator=gen)
         if distribution == "sphere":
-            norms = torch._foreach_norm(ts, 2, dtype=torch.float32)
+            norms = _norms(ts)
             for t, norm in zip(ts, norms):
                 t.mul_(math.sqrt(max(1, t.numel())) / norm.clamp_min(1e-12))
     elif distribution == "uniform":
@@ -130,7 +136,7 @@ def noise_sigmas(ws: list[torch.Tensor], rule: str, alpha: float) -> list[torch.
     if rule == "layer_rms":
         if not ws:
             return []
-        norms = list(torch._foreach_norm(ws, 2, dtype=torch.float32))
+        norms = list(_norms(ws))
         torch._foreach_mul_(norms, [alpha / math.sqrt(max(1, w.numel())) for w in ws])
         return norms
     if rule == "filter_norm":

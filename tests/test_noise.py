@@ -79,7 +79,7 @@ def test_targets_weights_skips_biases_and_norm_parameters():
     assert len(select_targets(model, "all")) == len(list(model.parameters()))
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16, torch.float16])
 def test_perturb_reflect_restore_is_bit_exact(dtype):
     params = [torch.randn(33, 17).to(dtype), torch.randn(5, 4, 3).to(dtype)]
     before = [p.clone() for p in params]
@@ -90,7 +90,7 @@ def test_perturb_reflect_restore_is_bit_exact(dtype):
     plus = [p.clone() for p in params]
     pert.reflect()
     for p, w, q in zip(params, before, plus):  # w - n mirrors w + n through w
-        assert torch.allclose((p.float() + q.float()) / 2, w.float(), atol=1e-2 if dtype != torch.float32 else 1e-6)
+        assert torch.allclose((p.float() + q.float()) / 2, w.float(), atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
     pert.restore()
     for p, w in zip(params, before):
         assert torch.equal(p, w)
@@ -102,3 +102,14 @@ def test_alpha_schedules():
     assert alpha_at(0.3, "warmup", 0.1, 50, 100) == 0.3
     assert alpha_at(0.3, "cosine", 0.0, 0, 100) == pytest.approx(0.3)
     assert alpha_at(0.3, "cosine", 0.0, 50, 100) == pytest.approx(0.15)
+
+
+@pytest.mark.parametrize("distribution", ["rademacher", "sphere"])
+def test_float64_weights_are_perturbed_too(distribution):
+    w = torch.randn(6, 5, dtype=torch.float64)
+    pert = Perturber([w], restore="copy")
+    before = w.clone()
+    pert.perturb(0, 0, distribution, "layer_rms", 0.3)
+    assert not torch.equal(w, before)
+    pert.restore()
+    assert torch.equal(w, before)
