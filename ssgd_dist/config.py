@@ -150,7 +150,7 @@ def packaged_config_names() -> list[str]:
     return sorted(p.name[:-5] for p in resources.files("ssgd_dist.configs").iterdir() if p.name.endswith(".yaml"))
 
 
-def _read_yaml(name_or_path: str) -> dict[str, Any]:
+def read_config_yaml(name_or_path: str) -> dict[str, Any]:
     path = Path(name_or_path)
     if path.suffix in (".yaml", ".yml") or path.exists():
         if not path.is_file():
@@ -167,12 +167,17 @@ def _read_yaml(name_or_path: str) -> dict[str, Any]:
                 f"packaged: {', '.join(names)}"
             )
         text = packaged.read_text()
+    return parse_yaml_mapping(text, f"--config {name_or_path}", "keys to values")
+
+
+def parse_yaml_mapping(text: str, what: str, expected: str) -> dict[str, Any]:
+    """``yaml.safe_load`` (no Python tags, so no code runs) of a document that must be a mapping."""
     try:
         data = yaml.safe_load(text) or {}
     except yaml.YAMLError as exc:
-        raise ConfigError(f"--config {name_or_path}: invalid YAML: {exc}".replace("\n", " ")) from None
+        raise ConfigError(f"{what}: invalid YAML: {exc}".replace("\n", " ")) from None
     if not isinstance(data, dict):
-        raise ConfigError(f"--config {name_or_path}: the top level must be a mapping of keys to values")
+        raise ConfigError(f"{what}: the top level must be a mapping of {expected}")
     return data
 
 
@@ -237,7 +242,7 @@ def validate(data: dict[str, Any]) -> Config:
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Resolve a packaged name or a YAML path, apply ``--set`` overrides in order, and validate."""
-    data = _read_yaml(name_or_path)
+    data = read_config_yaml(name_or_path)
     for assignment in overrides or []:
         apply_override(data, assignment)
     return validate(data)

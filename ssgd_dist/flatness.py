@@ -30,7 +30,7 @@ import math
 import os
 import sys
 from collections.abc import Callable, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .noise import draw_noise, noise_generator, select_targets
+from .plots import pyplot as _plt, save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -349,15 +350,6 @@ def measure(
 
 
 # -- plots ------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_landscape_1d(curves: dict[str, dict[str, Any]], path: Path, title: str = "1-D loss landscape") -> None:
     """One curve per label: training loss along a filter-normalised random direction (log scale)."""
     plt = _plt()
@@ -370,9 +362,7 @@ def plot_landscape_1d(curves: dict[str, dict[str, Any]], path: Path, title: str 
     ax.set_ylabel("training loss (cross-entropy, log scale)")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_landscape_2d(panels: dict[str, dict[str, Any]], path: Path, title: str = "2-D loss landscape", cols: int | None = None) -> None:
@@ -405,8 +395,7 @@ def plot_landscape_2d(panels: dict[str, dict[str, Any]], path: Path, title: str 
         bar = fig.colorbar(contour, ax=axes.ravel().tolist(), shrink=0.9, format="%.3g")
         bar.set_label("training loss (log scale)")
     fig.suptitle(title)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=False)
 
 
 def plot_perturbation(rows_by_label: dict[str, list[dict[str, float]]], path: Path, title: str) -> None:
@@ -421,9 +410,7 @@ def plot_perturbation(rows_by_label: dict[str, list[dict[str, float]]], path: Pa
     ax.set_ylabel("expected training-loss increase")
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 # -- run directories --------------------------------------------------------------------------------

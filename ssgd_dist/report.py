@@ -21,6 +21,7 @@ from typing import Any
 import yaml
 
 from .metrics import read_metrics
+from .plots import legend as _legend, pyplot as _plt, save_figure
 
 METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam"]
 NA = "—"
@@ -239,15 +240,6 @@ def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
 
 
 # -- plots -------------------------------------------------------------------------------------------
-def _plt():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _log_axis(axis) -> None:
     """A log axis labelled at 1, 2, 5 x 10^k in plain numbers (no overlapping minor labels)."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
@@ -255,11 +247,6 @@ def _log_axis(axis) -> None:
     axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
     axis.set_major_formatter(FormatStrFormatter("%g"))
     axis.set_minor_formatter(NullFormatter())
-
-
-def _legend(ax, **kwargs) -> None:
-    if ax.get_legend_handles_labels()[0]:
-        ax.legend(fontsize=kwargs.pop("fontsize", 8), **kwargs)
 
 
 def _colors(labels: list[str]) -> dict[str, Any]:
@@ -290,9 +277,7 @@ def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") 
     ax.set_ylabel("final test accuracy (%)")
     ax.grid(alpha=0.3)
     _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path, dpi=120)
 
 
 def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
@@ -323,9 +308,7 @@ def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
         ax.set_ylabel("test accuracy (%)")
         ax.grid(alpha=0.3)
         _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, path: Path) -> None:
@@ -356,8 +339,7 @@ def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, pat
     if handles:
         fig.legend(handles, labels, fontsize=8, loc="outside right center", title="method, batch (one point per run)", title_fontsize=8)
     fig.suptitle("Flatter solutions (left in each panel) against test accuracy")
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110, tight=False)
 
 
 def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
@@ -386,9 +368,7 @@ def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
         ax.set_ylabel("E[L(w+n)] - L(w), training loss (log scale)")
         ax.grid(alpha=0.3, which="both")
         _legend(ax)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
@@ -416,9 +396,7 @@ def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
             ax.set_ylabel("training loss (log scale), mean over seeds")
             ax.grid(alpha=0.3, which="both")
             _legend(ax)
-        fig.tight_layout()
-        fig.savefig(out / "landscape_1d.png", dpi=110)
-        plt.close(fig)
+        save_figure(fig, out / "landscape_1d.png", dpi=110)
         written.append("landscape_1d.png")
     two_d = [r for r in runs if r.flatness and "landscape_2d" in r.flatness]
     if two_d:

@@ -46,7 +46,7 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, _read_yaml, apply_override, dump_config, validate
+from .config import Config, ConfigError, read_config_yaml, apply_override, dump_config, parse_yaml_mapping, validate
 from .flatness import FlatnessOptions, flatness_path
 
 GRID_KEYS = {"name", "base", "set", "methods", "batch_sizes", "batch_set", "seeds", "vary", "flatness", "blocks", "description"}
@@ -113,12 +113,7 @@ def _read_grid_file(name_or_path: str) -> tuple[dict[str, Any], Path | None]:
                 f"sweep {name_or_path}: not a file and not a packaged grid; packaged grids: {', '.join(packaged_grid_names()) or 'none'}"
             )
         text, where = packaged.read_text(), None
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"sweep {name_or_path}: invalid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"sweep {name_or_path}: the top level must be a mapping (name, base, methods, batch_sizes, seeds, ...)")
+    data = parse_yaml_mapping(text, f"sweep {name_or_path}", "grid keys (name, base, methods, batch_sizes, seeds, ...)")
     unknown = set(data) - GRID_KEYS
     if unknown:
         raise ConfigError(f"sweep {name_or_path}: unknown key(s) {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
@@ -133,8 +128,8 @@ def _base_config(base: Any, grid_path: Path | None, source: str) -> dict[str, An
     if isinstance(base, str):
         candidate = grid_path.parent / base if grid_path is not None else None
         if candidate is not None and candidate.is_file():
-            return _read_yaml(str(candidate))
-        return _read_yaml(base)
+            return read_config_yaml(str(candidate))
+        return read_config_yaml(base)
     raise ConfigError(f"sweep {source}: base must be a packaged config name, a YAML path or a mapping, got {base!r}")
 
 

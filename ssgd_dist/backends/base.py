@@ -77,6 +77,11 @@ class Backend:
         return self.model
 
     def sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        """Around each pass: holds gradient synchronisation back on all passes but the last."""
+        return contextlib.nullcontext()
+
+    def step_scope(self) -> contextlib.AbstractContextManager:
+        """Around all passes of a step (DeepSpeed ZeRO-2 coalesces its reductions here)."""
         return contextlib.nullcontext()
 
     def backward(self, loss: torch.Tensor) -> None:
@@ -137,14 +142,15 @@ class Backend:
         passes = method.passes()
         loss_sum = torch.zeros((), device=x.device)
         try:
-            for index, p in enumerate(passes):
-                method.before_pass(index, step)
-                last = index == len(passes) - 1
-                with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
-                    with self.autocast():
-                        loss = loss_fn(self.module(select_part(x, p.part)), select_part(y, p.part))
-                    self.backward(loss * p.loss_weight)
-                loss_sum += loss.detach().float()
+            with self.step_scope():
+                for index, p in enumerate(passes):
+                    method.before_pass(index, step)
+                    last = index == len(passes) - 1
+                    with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
+                        with self.autocast():
+                            loss = loss_fn(self.module(select_part(x, p.part)), select_part(y, p.part))
+                        self.backward(loss * p.loss_weight)
+                    loss_sum += loss.detach().float()
         finally:
             method.restore()  # weight decay, momentum and the LR act on w, never on w +- n
         result = self.optimizer_step()

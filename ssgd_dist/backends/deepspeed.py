@@ -52,8 +52,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..config import Config, ConfigError
-from ..methods import Method, select_part
-from .base import Backend, NonFiniteError, StepResult, frozen_bn_stats
+from .base import Backend, NonFiniteError, StepResult
 
 SUPPORTED_STAGES = (0, 1, 2)
 SYNC_MODES = ("boundary", "coalesce")
@@ -253,29 +252,9 @@ class DeepSpeedBackend(Backend):
         for group in self.engine.optimizer.param_groups:
             group["lr"] = lr
 
-    def _reduction_scope(self) -> contextlib.AbstractContextManager:
+    def step_scope(self) -> contextlib.AbstractContextManager:
+        """ZeRO-2 reduces in every backward: coalescing keeps both passes local until the scope exits."""
         return self.engine.coalesce_grad_reduction() if self.sync_mode == "coalesce" else contextlib.nullcontext()
-
-    def train_step(
-        self, method: Method, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=nn.functional.cross_entropy
-    ) -> StepResult:
-        passes = method.passes()
-        loss_sum = torch.zeros((), device=x.device)
-        try:
-            with self._reduction_scope():
-                for index, p in enumerate(passes):
-                    method.before_pass(index, step)
-                    last = index == len(passes) - 1
-                    with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
-                        with self.autocast():
-                            loss = loss_fn(self.engine(select_part(x, p.part)), select_part(y, p.part))
-                        self.backward(loss * p.loss_weight)
-                    loss_sum += loss.detach().float()
-        finally:
-            method.restore()  # bit-for-bit w before the step; the engine steps from w
-        result = self.optimizer_step()
-        result.loss = float(loss_sum) / len(passes)
-        return result
 
     def optimizer_step(self) -> StepResult:
         engine = self.engine

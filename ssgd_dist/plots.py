@@ -1,0 +1,28 @@
+"""Matplotlib plumbing shared by the report and the flatness plots (headless, consistent output)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+
+def pyplot():
+    """pyplot on the Agg backend: plots are written to files, on machines without a display."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def legend(ax, **kwargs) -> None:
+    """A legend only when something is labelled (an empty one draws a warning and a blank box)."""
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=kwargs.pop("fontsize", 8), **kwargs)
+
+
+def save_figure(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
+    if tight:
+        fig.tight_layout()
+    fig.savefig(path, dpi=dpi)
+    pyplot().close(fig)
