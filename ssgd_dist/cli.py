@@ -1,4 +1,4 @@
-"""``ssgd-dist``: train, quickstart and report.
+"""``ssgd-dist``: train, quickstart, sweep, report, flatness and bench.
 
 User mistakes (bad config values, missing data, impossible launch settings) exit with code 2 and one
 line naming the input and the fix; a non-finite loss under ``on_nonfinite: stop`` exits with 3.
