@@ -8,7 +8,6 @@ see the same batches and makes resuming at a step exact.
 
 from __future__ import annotations
 
-import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -175,14 +174,6 @@ def load_dataset(cfg: DataConfig) -> Dataset:
     return ds
 
 
-def fingerprint(ds: Dataset) -> str:
-    """A short hash of the training tensors, to refuse resuming on different data."""
-    h = hashlib.sha256()
-    h.update(ds.x_train.numpy().tobytes())
-    h.update(ds.y_train.numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
 class GlobalBatches:
     """Global batch t of epoch e is ``perm_e[t*B:(t+1)*B]``; rank r takes its contiguous part.
 
@@ -208,9 +199,6 @@ class GlobalBatches:
         self.steps_per_epoch = num_examples // global_batch
         self._epoch = -1
         self._perm: torch.Tensor | None = None
-
-    def epoch_of(self, step: int) -> int:
-        return step // self.steps_per_epoch
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
