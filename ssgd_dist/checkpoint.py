@@ -69,6 +69,10 @@ def _read_manifest(ckpt_dir: Path) -> dict[str, str]:
         return {}
 
 
+def _step_of(path: Path) -> int:
+    return int(path.stem.removeprefix("step-"))
+
+
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, num_to_keep: int = 2) -> Path:
     """Write ``step-N.pt`` atomically, point ``last.pt`` at it, record checksums, prune old ones."""
     ckpt_dir = Path(run_dir) / "checkpoints"
@@ -85,7 +89,11 @@ def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, num_to_keep
         shutil.copyfile(path, tmp_last)
     os.replace(tmp_last, ckpt_dir / LAST)
 
-    steps = sorted(ckpt_dir.glob("step-*.pt"))
+    # Files past this step belong to a timeline abandoned after a fallback: they go first.
+    for stale in ckpt_dir.glob("step-*.pt"):
+        if _step_of(stale) > step:
+            stale.unlink(missing_ok=True)
+    steps = sorted(ckpt_dir.glob("step-*.pt"), key=_step_of)
     for old in steps[: max(0, len(steps) - max(1, num_to_keep))]:
         old.unlink(missing_ok=True)
     manifest = {name: d for name, d in _read_manifest(ckpt_dir).items() if (ckpt_dir / name).exists()}
@@ -106,9 +114,10 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
     if not ckpt_dir.is_dir():
         return None
     manifest = _read_manifest(ckpt_dir)
-    candidates = ([ckpt_dir / LAST] if (ckpt_dir / LAST).exists() else []) + sorted(
-        ckpt_dir.glob("step-*.pt"), reverse=True
-    )
+    # Newest step file first: a crash between writing it and relinking last.pt loses nothing.
+    candidates = sorted(ckpt_dir.glob("step-*.pt"), key=_step_of, reverse=True)
+    if (ckpt_dir / LAST).exists():
+        candidates.append(ckpt_dir / LAST)
     for path in candidates:
         expected = manifest.get(path.name)
         if expected is not None and sha256_of(path) != expected:

@@ -98,7 +98,9 @@ class TrainConfig(_Section):
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
     precision: Literal["fp32", "bf16", "fp16"] = "fp32"
     on_nonfinite: Literal["stop", "skip"] = "stop"
-    max_skips: int = Field(10, ge=0)
+    max_skips: int = Field(
+        10, ge=0, description="on_nonfinite=skip stops after this many skipped steps (fp16: this many in a row)"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
     progress: bool = True
     bn_recalibrate: bool = Field(

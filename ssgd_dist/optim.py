@@ -64,6 +64,8 @@ class SymmetricNoiseOptimizer(torch.optim.Optimizer):
         params = self.perturber.params
         if not params:
             return
+        if self.perturber.active:
+            raise RuntimeError("perturb() called twice without step() or restore(): the weights are already at w + n")
         gen = noise_generator(self.seed, self.step_count, params[0].device)
         self.perturber.save()
         self.perturber.add(draw_noise(params, self.distribution, self.scale, self.alpha, gen))
@@ -87,11 +89,14 @@ class SymmetricNoiseOptimizer(torch.optim.Optimizer):
         loss = None
         if closure is not None:
             self.perturb()
-            with torch.enable_grad():
-                loss_plus = closure()
-            self.reflect()
-            with torch.enable_grad():
-                loss_minus = closure()
+            try:
+                with torch.enable_grad():
+                    loss_plus = closure()
+                self.reflect()
+                with torch.enable_grad():
+                    loss_minus = closure()
+            finally:
+                self.restore()  # never leave the weights at w +- n, even when the closure raises
             grads = [p.grad for g in self.param_groups for p in g["params"] if p.grad is not None]
             torch._foreach_mul_(grads, 0.5)
             loss = (loss_plus + loss_minus) / 2

@@ -186,6 +186,7 @@ class Trainer:
         spe = self.batches.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.train.progress), unit="step")
         record: dict[str, Any] = {}
+        streak = 0  # consecutive skipped steps
         start = time.perf_counter()
         try:
             while self.step < self.total_steps:
@@ -199,8 +200,13 @@ class Trainer:
                 result = self.backend.train_step(self.method, x, y, self.step)
                 if result.skipped:
                     self.skipped += 1
-                    if self.skipped > cfg.train.max_skips:
-                        raise NonFiniteError(f"{self.skipped} steps skipped for non-finite gradients (train.max_skips = {cfg.train.max_skips})")
+                    streak += 1
+                    # GradScaler overflows are part of normal fp16 training; there only a run of them means divergence.
+                    counted = streak if self.backend.scaler is not None else self.skipped
+                    if counted > cfg.train.max_skips:
+                        raise NonFiniteError(f"{counted} steps skipped for non-finite gradients (train.max_skips = {cfg.train.max_skips})")
+                else:
+                    streak = 0
                 self.step += 1
                 record = {
                     "step": self.step,

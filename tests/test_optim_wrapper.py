@@ -57,3 +57,18 @@ def test_schedulers_and_state_dict_see_the_base_optimizer():
     fresh = SymmetricNoiseOptimizer(model, torch.optim.SGD(model.parameters(), lr=1.0, momentum=0.9))
     fresh.load_state_dict(state)
     assert fresh.step_count == 1 and fresh.param_groups[0]["lr"] == 0.5
+
+
+def test_a_failing_closure_leaves_the_weights_at_w():
+    model, _, _ = setup()
+    w0 = [p.detach().clone() for p in model.parameters()]
+    opt = SymmetricNoiseOptimizer(model, torch.optim.SGD(model.parameters(), lr=0.1), alpha=0.5)
+
+    def closure():
+        raise RuntimeError("out of memory")
+
+    try:
+        opt.step(closure)
+    except RuntimeError:
+        pass
+    assert all(torch.equal(p, w) for p, w in zip(model.parameters(), w0))

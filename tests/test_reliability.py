@@ -53,7 +53,23 @@ def test_retention_keeps_the_newest_and_last_points_at_the_newest(tmp_path):
     manifest = json.loads((tmp_path / "checkpoints" / "manifest.json").read_text())
     assert set(manifest) == {"last.pt", *names}
     loaded, path = load_latest(tmp_path)
-    assert loaded["step"] == 5 and path.name == "last.pt"
+    assert loaded["step"] == 5 and path.name == "step-00000005.pt"
+
+
+def test_after_a_fallback_the_abandoned_newer_files_are_replaced_not_kept(tmp_path):
+    for step in (1, 2, 3):
+        save_checkpoint(tmp_path, state(step), step, num_to_keep=3)
+    save_checkpoint(tmp_path, state(2), 2, num_to_keep=1)  # resumed from step 2 after step 3 went bad
+    assert sorted(p.name for p in (tmp_path / "checkpoints").glob("step-*.pt")) == ["step-00000002.pt"]
+    assert load_latest(tmp_path)[0]["step"] == 2
+
+
+def test_a_half_written_metrics_line_does_not_block_resume(tmp_path):
+    from ssgd_dist.metrics import MetricsWriter
+
+    (tmp_path / "metrics.jsonl").write_text('{"step": 1}\n{"step": 2}\n{"step": 3, "train_lo')
+    MetricsWriter(tmp_path, resume_step=2).close()
+    assert (tmp_path / "metrics.jsonl").read_text() == '{"step": 1}\n{"step": 2}\n'
 
 
 def test_truncated_latest_checkpoint_falls_back_to_the_previous_one(tmp_path, capsys):
@@ -151,3 +167,21 @@ def test_thousands_of_steps_do_not_grow_memory(tmp_path):
         if step in (500, 2999):
             readings.append(rss_mib())
     assert readings[1] - readings[0] < 20, readings
+
+
+def test_a_skipped_step_leaves_batchnorm_statistics_untouched():
+    from torch import nn
+
+    from ssgd_dist.backends.local import LocalBackend
+    from ssgd_dist.config import Config
+    from ssgd_dist.methods import build_method
+
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.BatchNorm1d(8), nn.ReLU(), nn.Linear(8, 2))
+    backend = LocalBackend(model, torch.optim.SGD(model.parameters(), lr=0.1), on_nonfinite="skip")
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    x = torch.full((8, 4), float("nan"))
+    result = backend.train_step(build_method(Config(method="ssgd"), model), x, torch.zeros(8, dtype=torch.long), 0)
+    assert result.skipped
+    for name, value in model.state_dict().items():
+        assert torch.equal(value, before[name]), name

@@ -29,25 +29,34 @@ class NonFiniteError(RuntimeError):
     """The synchronised gradient is not finite; under ``on_nonfinite: stop`` the run ends here."""
 
 
+def bn_snapshot(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
+    """Copies of every BatchNorm layer's running statistics (small: two vectors and a counter each)."""
+    return [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in model.modules()
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+    ]
+
+
+def bn_restore(saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
+    with torch.no_grad():
+        for m, mean, var, count in saved:
+            m.running_mean.copy_(mean)
+            m.running_var.copy_(var)
+            m.num_batches_tracked.copy_(count)
+
+
 @contextlib.contextmanager
 def frozen_bn_stats(model: nn.Module, frozen: bool) -> Iterator[None]:
     """Keep BatchNorm running statistics as they are for a pass that sees samples a second time."""
     if not frozen:
         yield
         return
-    saved = [
-        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
+    saved = bn_snapshot(model)
     try:
         yield
     finally:
-        with torch.no_grad():
-            for m, mean, var, count in saved:
-                m.running_mean.copy_(mean)
-                m.running_var.copy_(var)
-                m.num_batches_tracked.copy_(count)
+        bn_restore(saved)
 
 
 class Backend:
@@ -141,6 +150,7 @@ class Backend:
     ) -> StepResult:
         passes = method.passes()
         loss_sum = torch.zeros((), device=x.device)
+        bn_before = bn_snapshot(self.model)  # a skipped step must not leave NaN statistics behind
         try:
             with self.step_scope():
                 for index, p in enumerate(passes):
@@ -154,5 +164,7 @@ class Backend:
         finally:
             method.restore()  # weight decay, momentum and the LR act on w, never on w +- n
         result = self.optimizer_step()
+        if result.skipped:
+            bn_restore(bn_before)
         result.loss = float(loss_sum) / len(passes)
         return result
