@@ -39,7 +39,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .noise import draw_noise, noise_generator, select_targets
-from .plots import pyplot as _plt, save_figure
+from .plots import label_axes, pyplot as _plt, save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 
@@ -357,11 +357,7 @@ def plot_landscape_1d(curves: dict[str, dict[str, Any]], path: Path, title: str 
     for label, land in curves.items():
         ax.plot(land["alphas"], land["loss"], label=label)
     ax.set_yscale("log")
-    ax.set_title(title)
-    ax.set_xlabel("step along the filter-normalised direction (alpha, units of ||filter||)")
-    ax.set_ylabel("training loss (cross-entropy, log scale)")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    label_axes(ax, title, "step along the filter-normalised direction (alpha, units of ||filter||)", "training loss (cross-entropy, log scale)", log_grid=True)
     save_figure(fig, path, dpi=120)
 
 
@@ -405,11 +401,7 @@ def plot_perturbation(rows_by_label: dict[str, list[dict[str, float]]], path: Pa
         ax.plot([r["radius"] for r in rows], [max(r["loss_increase"], 1e-8) for r in rows], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    ax.set_title(title)
-    ax.set_xlabel("relative perturbation radius r (||n_i|| = r ||w_i||)")
-    ax.set_ylabel("expected training-loss increase")
-    ax.grid(alpha=0.3, which="both")
-    ax.legend(fontsize=8)
+    label_axes(ax, title, "relative perturbation radius r (||n_i|| = r ||w_i||)", "expected training-loss increase", log_grid=True)
     save_figure(fig, path, dpi=120)
 
 

@@ -26,3 +26,12 @@ def save_figure(fig, path: Path, dpi: int = 120, tight: bool = True) -> None:
         fig.tight_layout()
     fig.savefig(path, dpi=dpi)
     pyplot().close(fig)
+
+
+def label_axes(ax, title: str, xlabel: str, ylabel: str, title_size: float | None = None, log_grid: bool = False) -> None:
+    """Title, axis labels (with units), a light grid (minor lines too on log axes) and the legend."""
+    ax.set_title(title, **({} if title_size is None else {"fontsize": title_size}))
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.grid(alpha=0.3, which="both" if log_grid else "major")
+    legend(ax)

@@ -21,7 +21,7 @@ from typing import Any
 import yaml
 
 from .metrics import read_metrics
-from .plots import legend as _legend, pyplot as _plt, save_figure
+from .plots import label_axes, pyplot as _plt, save_figure
 
 METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam"]
 NA = "—"
@@ -272,11 +272,7 @@ def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") 
     batches = sorted({c.batch_size for c in cells})
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
-    ax.set_title(title or "Test accuracy vs batch size (mean ± std over seeds)")
-    ax.set_xlabel("global batch size (samples, log scale)")
-    ax.set_ylabel("final test accuracy (%)")
-    ax.grid(alpha=0.3)
-    _legend(ax)
+    label_axes(ax, title or "Test accuracy vs batch size (mean ± std over seeds)", "global batch size (samples, log scale)", "final test accuracy (%)")
     save_figure(fig, path, dpi=120)
 
 
@@ -299,15 +295,11 @@ def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
             epochs = [e for e, _ in curves[0].curve[:n]]
             accs = np.array([[100 * a for _, a in r.curve[:n]] for r in curves])
             mean = accs.mean(0)
-            ax.plot(epochs, mean, color=colors[label], label=f"{label} ({len(curves)} seed{'s' if len(curves) > 1 else ''})")
+            ax.plot(epochs, mean, color=colors[label], label=_seeds_label(label, len(curves)))
             if len(curves) > 1:
                 std = accs.std(0, ddof=1)
                 ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
-        ax.set_title(f"Test accuracy during training, batch {batch}")
-        ax.set_xlabel("epoch")
-        ax.set_ylabel("test accuracy (%)")
-        ax.grid(alpha=0.3)
-        _legend(ax)
+        label_axes(ax, f"Test accuracy during training, batch {batch}", "epoch", "test accuracy (%)")
     save_figure(fig, path, dpi=110)
 
 
@@ -342,32 +334,46 @@ def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, pat
     save_figure(fig, path, dpi=110, tight=False)
 
 
+def _seeds_label(label: str, n: int) -> str:
+    return f"{label} ({n} seed{'s' if n > 1 else ''})"
+
+
+def _batch_panels(runs: list[RunSummary]):
+    """One panel per batch size, side by side; yields (ax, the runs of that batch grouped by method label)."""
+    batches = sorted({r.batch_size for r in runs})
+    fig, axes = _plt().subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
+
+    def panels():
+        for ax, batch in zip(axes[0], batches):
+            groups: dict[str, list[RunSummary]] = defaultdict(list)
+            for r in runs:
+                if r.batch_size == batch:
+                    groups[r.label].append(r)
+            yield ax, batch, {label: groups[label] for label in sorted(groups, key=_label_key)}
+
+    return fig, panels()
+
+
 def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
     import numpy as np
 
-    plt = _plt()
     measured = [r for r in runs if r.flatness and r.flatness.get("perturbation")]
     colors = _colors([r.label for r in measured])
-    batches = sorted({r.batch_size for r in measured})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        for label in sorted({r.label for r in measured if r.batch_size == batch}, key=_label_key):
-            rows = [r.flatness["perturbation"] for r in measured if r.label == label and r.batch_size == batch]
+    fig, panels = _batch_panels(measured)
+    for ax, batch, groups in panels:
+        for label, group in groups.items():
+            rows = [r.flatness["perturbation"] for r in group]
             radii = [row["radius"] for row in rows[0]]
             values = np.array([[row["loss_increase"] for row in rs[: len(radii)]] for rs in rows if len(rs) >= len(radii)])
             mean = np.clip(values.mean(0), 1e-8, None)
-            ax.plot(radii, mean, marker="o", color=colors[label], label=f"{label} ({len(values)} seed{'s' if len(values) > 1 else ''})")
+            ax.plot(radii, mean, marker="o", color=colors[label], label=_seeds_label(label, len(values)))
             if len(values) > 1:
                 std = values.std(0, ddof=1)
                 ax.fill_between(radii, np.clip(mean - std, 1e-8, None), mean + std, color=colors[label], alpha=0.15)
         ax.set_xscale("log")
         ax.set_yscale("log")
         _log_axis(ax.xaxis)
-        ax.set_title(f"Loss increase under random weight noise, batch {batch}", fontsize=10)
-        ax.set_xlabel("relative radius r (||n_i|| = r ||w_i||, log scale)")
-        ax.set_ylabel("E[L(w+n)] - L(w), training loss (log scale)")
-        ax.grid(alpha=0.3, which="both")
-        _legend(ax)
+        label_axes(ax, f"Loss increase under random weight noise, batch {batch}", "relative radius r (||n_i|| = r ||w_i||, log scale)", "E[L(w+n)] - L(w), training loss (log scale)", title_size=10, log_grid=True)
     save_figure(fig, path, dpi=110)
 
 
@@ -378,24 +384,18 @@ def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
     from .flatness import plot_landscape_2d
 
     written = []
-    plt = _plt()
     one_d = [r for r in runs if r.flatness and "landscape_1d" in r.flatness]
     if one_d:
         colors = _colors([r.label for r in one_d])
-        batches = sorted({r.batch_size for r in one_d})
-        fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
-        for ax, batch in zip(axes[0], batches):
-            for label in sorted({r.label for r in one_d if r.batch_size == batch}, key=_label_key):
-                lands = [r.flatness["landscape_1d"] for r in one_d if r.label == label and r.batch_size == batch]
+        fig, panels = _batch_panels(one_d)
+        for ax, batch, groups in panels:
+            for label, group in groups.items():
+                lands = [r.flatness["landscape_1d"] for r in group]
                 alphas = lands[0]["alphas"]
                 losses = np.array([land["loss"] for land in lands if len(land["loss"]) == len(alphas)])
-                ax.plot(alphas, losses.mean(0), color=colors[label], label=f"{label} ({len(losses)} seed{'s' if len(losses) > 1 else ''})")
+                ax.plot(alphas, losses.mean(0), color=colors[label], label=_seeds_label(label, len(losses)))
             ax.set_yscale("log")
-            ax.set_title(f"1-D loss landscape (Li et al. 2018), batch {batch}", fontsize=10)
-            ax.set_xlabel("alpha along a filter-normalised random direction")
-            ax.set_ylabel("training loss (log scale), mean over seeds")
-            ax.grid(alpha=0.3, which="both")
-            _legend(ax)
+            label_axes(ax, f"1-D loss landscape (Li et al. 2018), batch {batch}", "alpha along a filter-normalised random direction", "training loss (log scale), mean over seeds", title_size=10, log_grid=True)
         save_figure(fig, out / "landscape_1d.png", dpi=110)
         written.append("landscape_1d.png")
     two_d = [r for r in runs if r.flatness and "landscape_2d" in r.flatness]

@@ -150,7 +150,9 @@ class Backend:
     ) -> StepResult:
         passes = method.passes()
         loss_sum = torch.zeros((), device=x.device)
-        bn_before = bn_snapshot(self.model)  # a skipped step must not leave NaN statistics behind
+        # Only a step that can be skipped needs a way back: a skipped one must not leave NaN statistics.
+        can_skip = self.on_nonfinite == "skip" or self.scaler is not None
+        bn_before = bn_snapshot(self.model) if can_skip else []
         try:
             with self.step_scope():
                 for index, p in enumerate(passes):
