@@ -109,7 +109,7 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state = {
+        return {
             **self.backend.state_dict(),
             "step": self.step,
             "skipped": self.skipped,
@@ -117,7 +117,6 @@ class Trainer:
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
         }
-        return state
 
     def _resume(self, resume_from: Path | None) -> None:
         found = load_latest(self.run_dir, map_location=self.ctx.device)
