@@ -90,6 +90,10 @@ def _sam_ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         local = slice(rank * 8, (rank + 1) * 8)
         backend.train_step(build_method(cfg, backend.model, rank, world), x[local], y[local], STEP)
         torch.save([p.detach() for p in model.parameters()], f"{out}/sam-rank{rank}.pt")
+        # Both ranks leave together and drop DDP's reducer before the group goes: a rank that tears
+        # gloo down while its peer is still finishing can abort ("terminate called without an active exception").
+        del backend
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
