@@ -6,6 +6,7 @@
 #    torch.cuda.set_sync_debug_mode("error"), i.e. with no host sync; the host syncs of a whole step counted.
 # 2. `ssgd-dist train` under torchrun (NCCL, bf16), 20 steps on synthetic data.
 # 3. `ssgd-dist bench`: resnet20, bf16, global batch 1024 on one GPU, with the projection; JSON and table.
+# 4. halves and sgd-ga2 again, each step timed alone from an idle GPU (--burst 1): what launch latency adds.
 # Targets (issue 7): ssgd-halves <= 1.02 x sgd-ga2 and <= 1.05 x sgd; noise_fraction <= 0.01.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -42,20 +43,26 @@ for precision in ("bf16", "fp16"):
                          clip_grad_norm=5.0, on_nonfinite="skip")
     method = build_method(Config(method="ssgd"), model, 0, 1)
     results = [backend.train_step(method, x, y, step) for step in range(30)]
-    losses = [r.loss for r in results]
+    losses = [float(r.loss) for r in results]
     skipped = sum(r.skipped for r in results)
     ok = all(math.isfinite(v) for v in losses[skipped:]) and losses[-1] < losses[0]
     ok &= all(bool(torch.isfinite(p).all()) and p.dtype == torch.float32 for p in model.parameters())
     print(f"{precision}: loss {losses[0]:.3f} -> {losses[-1]:.3f}, {skipped} skipped, finite fp32 weights: {ok}")
     assert ok, precision
+    # Training's default (on_nonfinite=stop) reads nothing back under bf16; fp16's GradScaler reads its overflow flag.
+    default = DDPBackend(model, torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9), precision=precision, clip_grad_norm=5.0)
+    default.train_step(method, x, y, 98)
+    torch.cuda.synchronize()
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            backend.train_step(method, x, y, 99)
+            default.train_step(method, x, y, 99)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    print(f"{precision}: host syncs in one whole train_step: {sum('synchroniz' in str(w.message) for w in caught)}")
+    syncs = sum("synchroniz" in str(w.message) for w in caught)
+    print(f"{precision}: host syncs in one whole train_step (on_nonfinite=stop): {syncs}")
+    assert precision == "fp16" or syncs == 0, "the bf16 step must not read back to the host"
 for mode in ("copy", "regenerate"):
     pert = Perturber(select_targets(model, "weights"), restore=mode)
     before = [p.detach().clone() for p in pert.params]
@@ -84,3 +91,8 @@ echo "== 3. bench: resnet20, bf16, batch ${BATCH:-1024}, 1 GPU"
 timeout 360 "$PY" -m ssgd_dist.cli bench --device cuda --world-size 1 --model resnet20 --precision bf16 \
   --batch-size "${BATCH:-1024}" --steps "${STEPS:-30}" --warmup 5 --project \
   --json "$OUT/bench-resnet20-bf16-b${BATCH:-1024}.json" 2>&1 | tee "$OUT/bench.txt"
+
+echo "== 4. the same two variants timed one step at a time from an idle GPU (--burst 1), for comparison"
+timeout 120 "$PY" -m ssgd_dist.cli bench --device cuda --world-size 1 --model resnet20 --precision bf16 \
+  --batch-size "${BATCH:-1024}" --steps 20 --warmup 3 --burst 1 --no-memory --variants sgd-ga2,ssgd-halves \
+  --json "$OUT/bench-resnet20-bf16-b${BATCH:-1024}-burst1.json" 2>&1 | tee "$OUT/bench-burst1.txt"

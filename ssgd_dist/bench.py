@@ -187,7 +187,7 @@ class Runner:
         self.model = copy.deepcopy(base_model)
         optimizer = build_optimizer(OptimConfig(lr=0.01), self.model.parameters())
         backend_cls = NaiveDDPBackend if variant.naive else DDPBackend
-        self.backend = backend_cls(self.model, optimizer, precision=opts.precision, on_nonfinite="skip")
+        self.backend = backend_cls(self.model, optimizer, precision=opts.precision)  # training's default: no host sync
         self.comm = CommCounter(world_size)
         self.backend.ddp.register_comm_hook(self.comm, counting_allreduce)
         cfg = Config(method=variant.method, seed=opts.seed)
@@ -202,20 +202,34 @@ class Runner:
         self.method = TimedMethod(method, device)
         self.step = 0
 
-    def run_step(self, x: torch.Tensor, y: torch.Tensor, communicate: bool = True) -> dict[str, float]:
+    def run_steps(self, x: torch.Tensor, y: torch.Tensor, count: int = 1, communicate: bool = True) -> dict[str, float]:
+        """``count`` consecutive steps, timed together: per-step time and noise time are their means.
+
+        On CUDA nothing synchronises between them (the product's step reads nothing back), so the host
+        queues a step while the device still runs the previous one, as in training; a lone step timed
+        from an idle device would count every kernel launch of its first phase as device time.
+        """
         cuda = self.device.type == "cuda"
         self.comm.communicate = communicate
         self.model.train()
         if cuda:
             torch.cuda.synchronize(self.device)
+        comm = []  # (bytes, calls) of each step: the hook runs on the host as the backward is queued
         t0 = time.perf_counter()
-        self.backend.train_step(self.method, x, y, self.step)
+        for _ in range(count):
+            self.backend.train_step(self.method, x, y, self.step)
+            comm.append(self.comm.take())
+            self.step += 1
         if cuda:
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - t0
-        self.step += 1
-        comm_bytes, comm_calls = self.comm.take()
-        return {"step": seconds, "noise": self.method.take_seconds(), "bytes": comm_bytes, "calls": comm_calls}
+        seconds = (time.perf_counter() - t0) / count
+        return {
+            "step": seconds,
+            "noise": self.method.take_seconds() / count,
+            "bytes": comm[-1][0],
+            "calls": comm[-1][1],
+            "bytes_each": sorted({b for b, _ in comm}),
+        }
 
 
 class AllocationTracker(TorchDispatchMode):
@@ -304,12 +318,12 @@ def _run_rank(rank: int, world_size: int, opts: argparse.Namespace) -> dict[str,
             shift = rep % len(runners)  # rotate the order: no variant always follows the same one
             for runner in runners[shift:] + runners[:shift]:
                 dist.barrier()
-                sample = runner.run_step(x, y)
+                sample = runner.run_steps(x, y, opts.burst)
                 if record:
                     samples[runner.variant.name].append(sample)
                 if runner.variant.name in compute_names:
                     dist.barrier()
-                    t = runner.run_step(x, y, communicate=False)["step"]
+                    t = runner.run_steps(x, y, opts.burst, communicate=False)["step"]
                     if record:
                         compute[runner.variant.name].append(t)
         return samples, compute
@@ -332,8 +346,7 @@ def _run_rank(rank: int, world_size: int, opts: argparse.Namespace) -> dict[str,
                 torch.cuda.reset_peak_memory_stats(device)
             with AllocationTracker() as tracker:
                 runner = Runner(v, base, opts, rank, world_size)
-                for _ in range(3):
-                    runner.run_step(x, y)
+                runner.run_steps(x, y, 3)
             if device.type == "cuda":
                 device_peak = torch.cuda.max_memory_allocated(device) - start
             memory[v.name] = (tracker.peak, tracker.current, device_peak)
@@ -349,7 +362,7 @@ def _run_rank(rank: int, world_size: int, opts: argparse.Namespace) -> dict[str,
             "noise": _gather([d["noise"] for d in s]),
             "bytes": s[-1]["bytes"] if s else 0,
             "calls": s[-1]["calls"] if s else 0,
-            "bytes_all_steps": sorted({d["bytes"] for d in s}),
+            "bytes_all_steps": sorted({b for d in s for b in d["bytes_each"]}),
             "memory": _gather(list(memory.get(v.name, (-1, -1, -1)))),
             "compute": _gather(compute_times.get(v.name, [])),
         }
@@ -401,6 +414,10 @@ def _worker(rank: int, world_size: int, port: int, opts: argparse.Namespace, out
         out = _run_rank(rank, world_size, opts)
         if out is not None:
             Path(out_path).write_text(json.dumps(out))
+        # The variants' DDP wrappers hold work on the group: free them, and leave together, before the
+        # group goes (a rank tearing gloo down under a live one can abort the other).
+        gc.collect()
+        dist.barrier()
     finally:
         dist.destroy_process_group()
 
@@ -528,6 +545,10 @@ def check_options(opts: argparse.Namespace) -> None:
         raise ConfigError(f"--bandwidth {opts.bandwidth} / --latency-us {opts.latency_us}: bandwidth > 0, latency >= 0")
     if opts.steps < 1 or opts.warmup < 0:
         raise ConfigError(f"--steps {opts.steps} / --warmup {opts.warmup}: at least one timed step, warm-up >= 0")
+    if opts.burst is None:
+        opts.burst = 8 if opts.device == "cuda" else 1  # only an asynchronous device has launches to hide
+    if opts.burst < 1:
+        raise ConfigError(f"--burst {opts.burst}: at least one step per timed sample")
     if not 0.0 <= opts.overlap <= 1.0:
         raise ConfigError(f"--overlap {opts.overlap}: a fraction between 0 and 1")
     if opts.threads is None:
@@ -569,6 +590,7 @@ def run_bench(opts: argparse.Namespace) -> dict[str, Any]:
         "precision": opts.precision,
         "steps": opts.steps,
         "warmup": opts.warmup,
+        "burst": opts.burst,
         "results": results,
         "skipped": {k: why for k, why in skipped.items() if why},
     }
@@ -611,7 +633,7 @@ def format_table(report: dict[str, Any]) -> str:
 
     head = (
         f"{report['model']}, {report['world_size']} x {report['device']} ({report['precision']}), global batch "
-        f"{report['batch_size']}, median of {report['steps']} interleaved steps, torch {report['torch']}"
+        f"{report['batch_size']}, median of {report['steps']} interleaved samples of {report['burst']} step(s), torch {report['torch']}"
     )
     cols = ["variant", "step ms", "samples/s", "x sgd", "x ga2", "comm MB", "x comm", "peak+", "peak+ga2", "held+", "noise %"]
     rows = [cols]

@@ -207,6 +207,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--world-size", type=int, default=2, help="ranks it spawns: gloo on CPU, NCCL on GPU")
     p.add_argument("--steps", type=int, default=20, help="timed steps per variant, interleaved")
     p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
+    p.add_argument("--burst", type=int, help="consecutive steps per timed sample (default 8 on CUDA, 1 on CPU)")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
     p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
     p.add_argument("--threads", type=int, help="torch threads per rank (default: CPUs / ranks on CPU)")

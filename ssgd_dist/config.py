@@ -101,6 +101,9 @@ class TrainConfig(_Section):
     max_skips: int = Field(
         10, ge=0, description="on_nonfinite=skip stops after this many skipped steps (fp16: this many in a row)"
     )
+    log_every: int = Field(
+        10, ge=1, description="steps whose loss and gradient norm are read from the device at once (one host sync)"
+    )
     num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
     progress: bool = True
     bn_recalibrate: bool = Field(

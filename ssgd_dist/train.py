@@ -11,6 +11,7 @@ Everything that varies per step (data order, noise, learning rate) is a pure fun
 from __future__ import annotations
 
 import json
+import math
 import os
 import signal
 import time
@@ -39,6 +40,7 @@ RESUMABLE_DIFFERENCES = {
     ("train", "nan_at_step"),
     ("train", "num_threads"),
     ("train", "keep_checkpoints"),
+    ("train", "log_every"),
 }
 
 # Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
@@ -181,7 +183,7 @@ class Trainer:
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(dump_config(cfg))
-        writer = MetricsWriter(self.run_dir, self.step) if main else None
+        log = StepLog(MetricsWriter(self.run_dir, self.step) if main else None)
         spe = self.batches.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.train.progress), unit="step")
         record: dict[str, Any] = {}
@@ -218,24 +220,27 @@ class Trainer:
                     "time": time.perf_counter() - start,
                 }
                 epoch_end = self.step % spe == 0
-                if (epoch_end and (self.step // spe) % cfg.train.eval_every == 0) or self.step == self.total_steps:
+                evaluate = (epoch_end and (self.step // spe) % cfg.train.eval_every == 0) or self.step == self.total_steps
+                if evaluate:
                     record.update(self.evaluate())
-                    bar.set_postfix(loss=f"{result.loss:.3f}", acc=f"{record['test_acc']:.3f}")
-                if writer is not None:
-                    writer.write(record)
-                bar.update(1)
+                log.add(record, result.skipped)
                 every = cfg.train.checkpoint_every
-                due = self.step % every == 0 if every else epoch_end
-                if due or self.step == self.total_steps:
+                checkpoint = (self.step % every == 0 if every else epoch_end) or self.step == self.total_steps
+                if evaluate or checkpoint or len(log) >= cfg.train.log_every:
+                    log.flush()  # raises on a non-finite gradient: before a checkpoint could keep it
+                if evaluate:
+                    bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
+                bar.update(1)
+                if checkpoint:
                     self._checkpoint(record, on_checkpoint)
-        except NonFiniteError:
+        except NonFiniteError as exc:
             if main:
-                (self.run_dir / "nonfinite.json").write_text(json.dumps({"step": self.step, "last": record}) + "\n")
+                step = exc.step if exc.step is not None else self.step
+                (self.run_dir / "nonfinite.json").write_text(json.dumps({"step": step, "last": log.last}) + "\n")
             raise
         finally:
             bar.close()
-            if writer is not None:
-                writer.close()
+            log.close()
         if "test_acc" not in record:  # resumed a finished run: nothing trained, so score it now
             record = {"step": self.step, **self.evaluate()}
         final = {k: v for k, v in record.items() if k in ("step", "train_loss", "test_loss", "test_acc")}
@@ -250,6 +255,50 @@ class Trainer:
         distributed.barrier()
         if hook is not None:
             hook(record, path)
+
+
+class StepLog:
+    """Per-step records whose loss and gradient norm are still on the device, read a window at a time.
+
+    Reading a device scalar waits for the accelerator to finish everything queued so far; once per
+    ``train.log_every`` steps (and before every evaluation and checkpoint) keeps the queue full.
+    The same read finds a non-finite gradient under ``on_nonfinite: stop`` (the gradient is
+    synchronised, so every rank finds it at the same step).
+    """
+
+    def __init__(self, writer: MetricsWriter | None):
+        self.writer = writer
+        self.pending: list[tuple[dict[str, Any], bool]] = []
+        self.last: dict[str, Any] = {}  # the newest record read with a finite gradient
+
+    def __len__(self) -> int:
+        return len(self.pending)
+
+    def add(self, record: dict[str, Any], skipped: bool) -> None:
+        self.pending.append((record, skipped))
+
+    def flush(self) -> None:
+        pending, self.pending = self.pending, []
+        values = read_scalars([v for record, _ in pending for v in (record["train_loss"], record["grad_norm"])])
+        for i, (record, skipped) in enumerate(pending):
+            record["train_loss"], record["grad_norm"] = values[2 * i], values[2 * i + 1]
+            if self.writer is not None:
+                self.writer.write(record)
+            if not (skipped or math.isfinite(record["grad_norm"])):
+                step = record["step"] - 1
+                raise NonFiniteError(f"non-finite gradient norm ({record['grad_norm']}) at step {step}", step=step)
+            self.last = record
+
+    def close(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+
+
+def read_scalars(values: list[torch.Tensor | float]) -> list[float]:
+    """Floats from a mix of floats and 0-dim tensors, with one device-to-host copy for all the tensors."""
+    tensors = [v.detach().double().reshape(()) for v in values if isinstance(v, torch.Tensor)]
+    read = iter(torch.stack(tensors).tolist() if tensors else [])
+    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
 
 
 def train(cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None) -> dict[str, Any]:

@@ -20,13 +20,25 @@ from ..methods import Method, select_part
 
 @dataclass
 class StepResult:
-    loss: float
-    grad_norm: float
+    """What a step reports. ``loss`` and ``grad_norm`` may be device tensors: reading one is a host
+    sync, so the trainer reads a window of steps at once (``train.log_every``). Under
+    ``on_nonfinite: stop`` a non-finite ``grad_norm`` is the caller's signal to stop; ``skipped`` is
+    decided on the host only where a step can be skipped."""
+
+    loss: torch.Tensor | float
+    grad_norm: torch.Tensor | float
     skipped: bool
 
 
 class NonFiniteError(RuntimeError):
-    """The synchronised gradient is not finite; under ``on_nonfinite: stop`` the run ends here."""
+    """The synchronised gradient is not finite; under ``on_nonfinite: stop`` the run ends here.
+
+    ``step`` is the 0-based step that produced it, when it was found after later steps had run.
+    """
+
+    def __init__(self, message: str, step: int | None = None):
+        super().__init__(message)
+        self.step = step
 
 
 def bn_snapshot(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
@@ -101,25 +113,32 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_step(self) -> StepResult | None:
-        """Unscale once, check finiteness and clip once (on the synced gradient), step once."""
+    def optimizer_step(self) -> StepResult:
+        """Unscale once, clip once (on the synced gradient), step once.
+
+        Nothing is read back to the host unless a step can be skipped: the gradient norm stays on the
+        device, so the CPU queues the next step while the accelerator still runs this one. Skipping
+        (``on_nonfinite: skip``, and fp16, where GradScaler reads its overflow flag) decides on the host:
+        one sync per step. The gradient is identical on every rank, so every rank decides alike.
+        """
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        # One host sync per step; the gradient is already identical on every rank, so every rank
-        # reaches the same decision without a further collective.
-        finite = bool(torch.isfinite(norm))
+        skipped = False
         if self.scaler is not None:
+            skipped = not bool(torch.isfinite(norm))
             self.scaler.step(self.optimizer)  # skips the step itself when either pass overflowed
             self.scaler.update()
-        elif finite:
-            self.optimizer.step()
-        elif self.on_nonfinite == "stop":
-            raise NonFiniteError(f"non-finite gradient norm ({float(norm)})")
+        elif self.on_nonfinite == "skip":
+            skipped = not bool(torch.isfinite(norm))
+            if not skipped:
+                self.optimizer.step()
+        else:
+            self.optimizer.step()  # a non-finite norm is seen by the trainer, before any checkpoint
         self.zero_grad()
-        return StepResult(loss=float("nan"), grad_norm=float(norm), skipped=not finite)
+        return StepResult(loss=float("nan"), grad_norm=norm.detach(), skipped=skipped)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -168,5 +187,5 @@ class Backend:
         result = self.optimizer_step()
         if result.skipped:
             bn_restore(bn_before)
-        result.loss = float(loss_sum) / len(passes)
+        result.loss = loss_sum / len(passes)
         return result
