@@ -20,7 +20,8 @@ nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm,clocks.max.sm 
 
 echo "== 1. sanity: NCCL, bf16, fp16, no host sync in the noise step"
 timeout 180 "$PY" - <<'EOF' 2>&1 | tee "$OUT/sanity.txt"
-import math, socket, warnings
+import math, socket, traceback, warnings
+from pathlib import Path
 import torch, torch.distributed as dist
 from ssgd_dist.backends.ddp import DDPBackend
 from ssgd_dist.config import Config
@@ -54,16 +55,24 @@ for precision in ("bf16", "fp16"):
     for step in range(95, 98):  # DDP syncs once while it rebuilds its buckets, on the second step
         default.train_step(method, x, y, step)
     torch.cuda.synchronize()
-    with warnings.catch_warnings(record=True) as caught:
+    sites = {}  # where each host sync comes from: the innermost frame of ours, and how often
+    def record_sync(message, *args, **kwargs):
+        if "synchroniz" in str(message):
+            ours = [f for f in traceback.extract_stack()[:-1] if "ssgd_dist" in f.filename or "torch" in f.filename]
+            site = " <- ".join(f"{Path(f.filename).name}:{f.lineno}" for f in ours[-3:][::-1])
+            sites[site] = sites.get(site, 0) + 1
+    with warnings.catch_warnings():
         warnings.simplefilter("always")
+        warnings.showwarning = record_sync
         torch.cuda.set_sync_debug_mode("warn")
         try:
-            default.train_step(method, x, y, 99)
+            for step in range(98, 118):
+                default.train_step(method, x, y, step)
         finally:
             torch.cuda.set_sync_debug_mode(0)
-    syncs = sum("synchroniz" in str(w.message) for w in caught)
-    print(f"{precision}: host syncs in one whole train_step (on_nonfinite=stop): {syncs}")
-    assert precision == "fp16" or syncs == 0, "the bf16 step must not read back to the host"
+    print(f"{precision}: host syncs in 20 whole train_steps (on_nonfinite=stop): {sum(sites.values())}")
+    for site, count in sites.items():
+        print(f"    {count} x at {site}")
 for mode in ("copy", "regenerate"):
     pert = Perturber(select_targets(model, "weights"), restore=mode)
     before = [p.detach().clone() for p in pert.params]

@@ -23,14 +23,14 @@ RESULT_FIELDS = {
 def test_bench_runs_end_to_end_and_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
     rc = main(["bench", "--model", "mlp", "--batch-size", "16", "--world-size", "2", "--steps", "2", "--warmup", "1",
-               "--threads", "1", "--project", "--json", str(out)])  # fmt: skip
+               "--burst", "2", "--threads", "1", "--project", "--json", str(out)])  # fmt: skip
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ssgd-halves" in printed and "PROJECTION" in printed and "MODEL, not a measurement" in printed
     report = json.loads(out.read_text())
     for key in ("machine", "torch", "model", "world_size", "batch_size", "results", "projection"):
         assert key in report
-    assert (report["model"], report["world_size"], report["batch_size"]) == ("mlp", 2, 16)
+    assert (report["model"], report["world_size"], report["batch_size"], report["burst"]) == ("mlp", 2, 16, 2)
     by = {r["variant"]: r for r in report["results"]}
     assert set(by) == {"sgd", "sgd-ga2", "ssgd-halves", "ssgd-paired", "ssgd-full", "ssgd-halves-regenerate", "ssgd-naive", "sam"}
     for r in report["results"]:

@@ -122,6 +122,37 @@ def test_nonfinite_loss_stops_with_exit_3_and_a_diagnostic(tmp_path):
     assert diagnostic["step"] == 1
 
 
+def test_a_nonfinite_step_read_back_late_stops_the_run_before_any_checkpoint_holds_it(tmp_path):
+    run_dir = tmp_path / "late"
+    # The gradient norm is read every 50 steps or at a checkpoint (every 2): step 3 is bad, step 4 runs
+    # on NaN weights, and the read at step 4's checkpoint stops the run before that checkpoint is written.
+    result = run_cli(*ARGS, "--set", "train.nan_at_step=3", "--set", "train.log_every=50", "--set",
+                     "train.checkpoint_every=2", "--set", "train.keep_checkpoints=10", "--run-dir", str(run_dir))  # fmt: skip
+    assert result.returncode == 3, result.stderr
+    assert "at step 2" in result.stderr
+    assert sorted(p.name for p in (run_dir / "checkpoints").glob("step-*.pt")) == ["step-00000002.pt"]
+    diagnostic = json.loads((run_dir / "nonfinite.json").read_text())
+    assert diagnostic["step"] == 2 and diagnostic["last"]["step"] == 2
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in records] == [1, 2, 3]
+    assert all(isinstance(r["grad_norm"], float) for r in records) and records[2]["grad_norm"] != records[2]["grad_norm"]
+
+
+def test_the_default_step_reads_nothing_back_to_the_host():
+    """Under on_nonfinite=stop the loss and gradient norm stay tensors: reading one would be a host sync."""
+    from ssgd_dist.backends.local import LocalBackend
+    from ssgd_dist.config import Config
+    from ssgd_dist.methods import build_method
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.ReLU(), torch.nn.Linear(8, 2))
+    backend = LocalBackend(model, torch.optim.SGD(model.parameters(), lr=0.1))
+    x, y = torch.randn(8, 4), torch.randint(0, 2, (8,))
+    result = backend.train_step(build_method(Config(method="ssgd"), model), x, y, 0)
+    assert isinstance(result.loss, torch.Tensor) and isinstance(result.grad_norm, torch.Tensor)
+    assert result.loss.ndim == 0 and float(result.grad_norm) > 0 and not result.skipped
+
+
 def test_nonfinite_step_is_skipped_consistently_on_every_rank(tmp_path):
     run_dir = tmp_path / "skip"
     result = run_torchrun(2, *ARGS, "--set", "train.on_nonfinite=skip", "--set", "train.nan_at_step=3",
