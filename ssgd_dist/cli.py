@@ -220,7 +220,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--latency-us", type=float, help="projection: latency per all-reduce call in us (default 50)")
     p.add_argument("--overlap", type=float, help="projection: share of all-reduce time hidden behind compute (default 0)")
     p.set_defaults(func=cmd_bench)
+
+    p = sub.add_parser("k8s", help="render a Kubernetes overlay with your image and a validated config (kubectl apply -f)")
+    p.add_argument("overlay", help="rayjob, pytorchjob, torchrun-job or cpu-smoke (the folders of k8s/overlays)")
+    p.add_argument("--image", help="the training image, REGISTRY/NAME[:TAG][@DIGEST] (default: the overlay's)")
+    p.add_argument("--config", help="training config, packaged name or YAML path (default: the overlay's ConfigMap)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    p.add_argument("--out", help="write the manifests here instead of standard output")
+    p.add_argument("--k8s-dir", type=Path, help="the k8s/ folder holding base/ and overlays/ (default: the one beside the package)")
+    p.set_defaults(func=cmd_k8s)
     return parser
+
+
+def cmd_k8s(args: argparse.Namespace) -> int:
+    from .k8s import render
+
+    manifests = render(args.overlay, image=args.image, config=args.config, overrides=args.set, k8s_dir=args.k8s_dir)
+    if args.out:
+        Path(args.out).write_text(manifests)
+        print(f"ssgd-dist: wrote {args.out}; apply with: kubectl apply -f {args.out}", file=sys.stderr)
+    else:
+        sys.stdout.write(manifests)
+    return 0
 
 
 def cmd_bench(args: argparse.Namespace) -> int:

@@ -247,7 +247,11 @@ def validate(data: dict[str, Any]) -> Config:
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
     """Resolve a packaged name or a YAML path, apply ``--set`` overrides in order, and validate."""
-    data = read_config_yaml(name_or_path)
+    return override(read_config_yaml(name_or_path), overrides)
+
+
+def override(data: dict[str, Any], overrides: list[str] | None = None) -> Config:
+    """A config mapping with ``--set`` overrides applied in order, validated."""
     for assignment in overrides or []:
         apply_override(data, assignment)
     return validate(data)
