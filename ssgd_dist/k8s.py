@@ -4,7 +4,7 @@
     ssgd-dist k8s torchrun-job --config my-experiment.yaml --out job.yaml
 
 It is ``kubectl kustomize`` on a small kustomization layered over ``k8s/overlays/NAME``: an
-``images`` entry for the ``ssgd-dist`` image and, when ``--config``/``--set`` are given, the
+``images`` entry for the overlay's one image and, when ``--config``/``--set`` are given, the
 ``ssgd-config`` ConfigMap replaced by the resulting configuration. The configuration is validated
 here first, with the same errors as ``ssgd-dist train``, so a typo fails on your machine rather
 than in a pod. What kustomize does not know (node and GPU counts) stays in the overlay's files.
@@ -16,13 +16,14 @@ import os
 import shutil
 import subprocess
 import tempfile
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import yaml
 
 from .config import ConfigError, dump_config, override, read_config_yaml
 
-IMAGE_PLACEHOLDER = "ssgd-dist"  # the image name the overlays' manifests use
 CONFIG_MAP = "ssgd-config"
 CONFIG_KEY = "config.yaml"
 
@@ -38,17 +39,41 @@ def overlays(k8s_dir: Path) -> list[str]:
 
 
 def split_image(ref: str) -> dict[str, str]:
-    """A kustomize ``images`` entry from REGISTRY/NAME[:TAG][@DIGEST] (a registry port is not a tag)."""
+    """A kustomize ``images`` entry from REGISTRY/NAME:TAG[@DIGEST] or REGISTRY/NAME@DIGEST.
+
+    A registry port is not a tag. An image with neither means ``:latest``, which the manifests'
+    policy refuses (the pods would run whatever was pushed last), so it is an error here too.
+    """
     entry: dict[str, str] = {}
     name, _, digest = ref.partition("@")
     if digest:
         entry["digest"] = digest
-    last = name.rsplit("/", 1)[-1]
-    if ":" in last:
+    if ":" in name.rsplit("/", 1)[-1]:
         name, entry["newTag"] = name.rsplit(":", 1)
-    if not name or any(c.isspace() for c in ref):
-        raise ConfigError(f"--image {ref!r}: expected REGISTRY/NAME[:TAG][@sha256:DIGEST]")
+    if not name or any(c.isspace() for c in ref) or "" in entry.values():
+        raise ConfigError(f"--image {ref!r}: expected REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST")
+    if not entry or entry.get("newTag") == "latest":
+        raise ConfigError(f"--image {ref!r}: give a version tag or a digest (no tag means :latest, which can change under a running job)")
     return {"newName": name, **entry}
+
+
+def container_images(obj: Any) -> Iterator[str]:
+    """Every container image in a rendered object, whatever kind nests the pod spec (Job, RayJob...)."""
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            if key in ("containers", "initContainers") and isinstance(value, list):
+                yield from (c["image"] for c in value if isinstance(c, dict) and "image" in c)
+            else:
+                yield from container_images(value)
+    elif isinstance(obj, list):
+        for value in obj:
+            yield from container_images(value)
+
+
+def image_name(image: str) -> str:
+    """REGISTRY/NAME without tag or digest: what a kustomize ``images`` entry matches."""
+    name = image.partition("@")[0]
+    return name.rsplit(":", 1)[0] if ":" in name.rsplit("/", 1)[-1] else name
 
 
 def kustomize(directory: Path) -> str:
@@ -61,19 +86,10 @@ def kustomize(directory: Path) -> str:
     return done.stdout
 
 
-def placeholder_name(overlay_dir: Path) -> str:
-    """What the overlay renames the ``ssgd-dist`` placeholder to: the name our ``images`` entry must match."""
-    spec = yaml.safe_load((overlay_dir / "kustomization.yaml").read_text()) or {}
-    for image in spec.get("images") or []:
-        if image.get("name") == IMAGE_PLACEHOLDER:
-            return image.get("newName", IMAGE_PLACEHOLDER)
-    return IMAGE_PLACEHOLDER
-
-
-def overlay_config(rendered: str) -> dict:
+def overlay_config(objs: list[dict]) -> dict:
     """The training config an overlay ships in its ``ssgd-config`` ConfigMap."""
-    for obj in yaml.safe_load_all(rendered):
-        if obj and obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == CONFIG_MAP:
+    for obj in objs:
+        if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == CONFIG_MAP:
             return yaml.safe_load(obj["data"][CONFIG_KEY]) or {}
     raise ConfigError(f"the overlay has no ConfigMap {CONFIG_MAP!r} with {CONFIG_KEY!r} to base --set on")
 
@@ -88,19 +104,23 @@ def render(overlay: str, image: str | None = None, config: str | None = None, ov
     if overlay not in names:
         raise ConfigError(f"overlay {overlay!r}: expected one of {', '.join(names)}")
     overlay_dir = k8s_dir / "overlays" / overlay
+    plain = [obj for obj in yaml.safe_load_all(kustomize(overlay_dir)) if obj]
     spec: dict = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
     config_text = None
     if config is not None or overrides:
-        data = read_config_yaml(config) if config is not None else overlay_config(kustomize(overlay_dir))
+        data = read_config_yaml(config) if config is not None else overlay_config(plain)
         config_text = dump_config(override(data, overrides))
         spec["configMapGenerator"] = [{"name": CONFIG_MAP, "behavior": "replace", "files": [CONFIG_KEY]}]
         spec["generatorOptions"] = {"disableNameSuffixHash": True}  # the overlays mount it by this name
     if image is not None:
-        spec["images"] = [{"name": placeholder_name(overlay_dir), **split_image(image)}]
+        names = sorted({image_name(i) for i in container_images(plain)})
+        if len(names) != 1:
+            raise ConfigError(f"--image: overlay {overlay!r} runs {len(names)} images ({', '.join(names)}); expected one to replace")
+        spec["images"] = [{"name": names[0], **split_image(image)}]
     with tempfile.TemporaryDirectory(prefix="ssgd-k8s-") as tmp:
-        # kustomize takes only relative paths to other kustomizations
-        spec["resources"] = [os.path.relpath(overlay_dir.resolve(), tmp)]
-        (Path(tmp) / "kustomization.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
+        root = Path(tmp).resolve()  # kustomize resolves links in its root; the relative path must agree
+        spec["resources"] = [os.path.relpath(overlay_dir.resolve(), root)]  # kustomize takes no absolute paths
+        (root / "kustomization.yaml").write_text(yaml.safe_dump(spec, sort_keys=False))
         if config_text is not None:
-            (Path(tmp) / CONFIG_KEY).write_text(config_text)
-        return kustomize(Path(tmp))
+            (root / CONFIG_KEY).write_text(config_text)
+        return kustomize(root)

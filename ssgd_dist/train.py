@@ -219,24 +219,29 @@ class Trainer:
                     "skipped": self.skipped,
                     "time": time.perf_counter() - start,
                 }
+                log.add(record, result.skipped)
                 epoch_end = self.step % spe == 0
                 evaluate = (epoch_end and (self.step // spe) % cfg.train.eval_every == 0) or self.step == self.total_steps
-                if evaluate:
-                    record.update(self.evaluate())
-                log.add(record, result.skipped)
                 every = cfg.train.checkpoint_every
                 checkpoint = (self.step % every == 0 if every else epoch_end) or self.step == self.total_steps
                 if evaluate or checkpoint or len(log) >= cfg.train.log_every:
-                    log.flush()  # raises on a non-finite gradient: before a checkpoint could keep it
+                    log.read()  # raises on a non-finite gradient: before an evaluation or a checkpoint sees it
+                if evaluate:
+                    record.update(self.evaluate())
+                log.write()
                 if evaluate:
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
                 bar.update(1)
                 if checkpoint:
                     self._checkpoint(record, on_checkpoint)
         except NonFiniteError as exc:
+            log.drain()  # the steps before the failure still reach metrics.jsonl
             if main:
                 step = exc.step if exc.step is not None else self.step
                 (self.run_dir / "nonfinite.json").write_text(json.dumps({"step": step, "last": log.last}) + "\n")
+            # Every rank stops at the same step (the decision rests on synchronised values). Leave
+            # together: a launcher stops the other ranks as soon as one exits, rank 0's diagnostic unwritten.
+            distributed.barrier()
             raise
         finally:
             bar.close()
@@ -269,7 +274,8 @@ class StepLog:
     def __init__(self, writer: MetricsWriter | None):
         self.writer = writer
         self.pending: list[tuple[dict[str, Any], bool]] = []
-        self.last: dict[str, Any] = {}  # the newest record read with a finite gradient
+        self.read_up_to = 0  # pending[:read_up_to] hold floats
+        self.last: dict[str, Any] = {}  # the newest record written
 
     def __len__(self) -> int:
         return len(self.pending)
@@ -277,28 +283,50 @@ class StepLog:
     def add(self, record: dict[str, Any], skipped: bool) -> None:
         self.pending.append((record, skipped))
 
-    def flush(self) -> None:
-        pending, self.pending = self.pending, []
-        values = read_scalars([v for record, _ in pending for v in (record["train_loss"], record["grad_norm"])])
-        for i, (record, skipped) in enumerate(pending):
-            record["train_loss"], record["grad_norm"] = values[2 * i], values[2 * i + 1]
+    def read(self) -> None:
+        """Floats for every pending record (one host sync); at a non-finite gradient norm of a step that
+        was not skipped, write the records before it and raise."""
+        fresh = self.pending[self.read_up_to :]
+        values = iter(read_scalars([v for record, _ in fresh for v in (record["train_loss"], record["grad_norm"])]))
+        for record, skipped in fresh:
+            record["train_loss"], record["grad_norm"] = next(values), next(values)
+            norm = record["grad_norm"]
+            if not skipped and norm is not None and not math.isfinite(norm):
+                self.pending = self.pending[: self.read_up_to]
+                self.write()
+                step = record["step"] - 1
+                raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {step}", step=step)
+            self.read_up_to += 1
+
+    def write(self) -> None:
+        """Write the records read so far."""
+        done, self.pending = self.pending[: self.read_up_to], self.pending[self.read_up_to :]
+        self.read_up_to = 0
+        for record, _ in done:
             if self.writer is not None:
                 self.writer.write(record)
-            if not (skipped or math.isfinite(record["grad_norm"])):
-                step = record["step"] - 1
-                raise NonFiniteError(f"non-finite gradient norm ({record['grad_norm']}) at step {step}", step=step)
             self.last = record
+
+    def drain(self) -> None:
+        """After a failure elsewhere: write what can still be read."""
+        try:
+            self.read()
+        except NonFiniteError:
+            return
+        self.write()
 
     def close(self) -> None:
         if self.writer is not None:
             self.writer.close()
 
 
-def read_scalars(values: list[torch.Tensor | float]) -> list[float]:
-    """Floats from a mix of floats and 0-dim tensors, with one device-to-host copy for all the tensors."""
-    tensors = [v.detach().double().reshape(()) for v in values if isinstance(v, torch.Tensor)]
-    read = iter(torch.stack(tensors).tolist() if tensors else [])
-    return [next(read) if isinstance(v, torch.Tensor) else float(v) for v in values]
+def read_scalars(values: list[torch.Tensor | float | None]) -> list[float | None]:
+    """Floats from 0-dim tensors, floats and None (unknown), with one device-to-host copy for all the tensors."""
+    tensors = [v for v in values if isinstance(v, torch.Tensor)]
+    if tensors:
+        device = tensors[0].device
+        read = iter(torch.stack([t.detach().double().reshape(()).to(device) for t in tensors]).tolist())
+    return [next(read) if isinstance(v, torch.Tensor) else None if v is None else float(v) for v in values]
 
 
 def train(cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None) -> dict[str, Any]:

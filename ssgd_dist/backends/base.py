@@ -22,11 +22,12 @@ from ..methods import Method, select_part
 class StepResult:
     """What a step reports. ``loss`` and ``grad_norm`` may be device tensors: reading one is a host
     sync, so the trainer reads a window of steps at once (``train.log_every``). Under
-    ``on_nonfinite: stop`` a non-finite ``grad_norm`` is the caller's signal to stop; ``skipped`` is
-    decided on the host only where a step can be skipped."""
+    ``on_nonfinite: stop`` a non-finite ``grad_norm`` is the caller's signal to stop (None: not
+    computed, the backend decided itself); ``skipped`` is decided on the host only where a step can
+    be skipped."""
 
     loss: torch.Tensor | float
-    grad_norm: torch.Tensor | float
+    grad_norm: torch.Tensor | float | None
     skipped: bool
 
 
@@ -39,6 +40,9 @@ class NonFiniteError(RuntimeError):
     def __init__(self, message: str, step: int | None = None):
         super().__init__(message)
         self.step = step
+
+    def __reduce__(self):  # keeps ``step`` across processes (Ray sends worker errors pickled)
+        return type(self), (str(self), self.step)
 
 
 def bn_snapshot(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:

@@ -261,18 +261,19 @@ class DeepSpeedBackend(Backend):
         if self.plain:
             params = [p for p in self.model.parameters() if p.grad is not None]
             max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-            finite = bool(torch.isfinite(norm))
-            if finite:
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+            if self.on_nonfinite == "stop":  # as in the DDP backend: the trainer reads the norm, no sync here
                 engine.step()
-            else:
+                return StepResult(loss=float("nan"), grad_norm=norm, skipped=False)
+            skipped = not bool(torch.isfinite(norm))
+            if skipped:
                 engine.zero_grad()
-                if self.on_nonfinite == "stop":
-                    raise NonFiniteError(f"non-finite gradient norm ({float(norm)})")
-            return StepResult(loss=float("nan"), grad_norm=float(norm), skipped=not finite)
+            else:
+                engine.step()
+            return StepResult(loss=float("nan"), grad_norm=norm, skipped=skipped)
         engine.step()
         norm = engine.get_global_grad_norm()
-        norm = float(norm) if norm is not None else float("nan")
+        norm = float(norm) if norm is not None else None  # None: the engine was told not to compute it
         skipped = not engine.was_step_applied()
         if skipped and self.on_nonfinite == "stop":
             raise NonFiniteError(f"non-finite gradient (DeepSpeed skipped the step; gradient norm {norm})")

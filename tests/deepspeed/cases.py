@@ -77,6 +77,7 @@ def all_cases() -> list[dict]:
         "z0-nonfinite": ds(0, *NONFINITE), "z2-nonfinite": ds(2, *NONFINITE),
         "z0-bf16-nonfinite": ds(0, *NONFINITE, "deepspeed.bf16=true"),
         "z2-bf16-nonfinite": ds(2, *NONFINITE, "deepspeed.bf16=true"),
+        "z0-nonfinite-stop": ds(0, *NONFINITE, "train.on_nonfinite=stop"),
         "z2-nonfinite-stop": ds(2, *NONFINITE, "train.on_nonfinite=stop"),
     }.items():
         cases.append(case(name, sets))

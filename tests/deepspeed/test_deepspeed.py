@@ -160,7 +160,9 @@ def test_nonfinite_steps_are_skipped_and_weights_untouched(runs, name):
 
 
 def test_nonfinite_stop_raises(runs):
+    # ZeRO 2: the engine skips the step and says so; ZeRO 0 (fp32): the trainer finds it when it reads the norm.
     assert "NonFiniteError" in runs[1]["z2-nonfinite-stop"]["error"]
+    assert "NonFiniteError" in runs[1]["z0-nonfinite-stop"]["error"] and "at step 0" in runs[1]["z0-nonfinite-stop"]["error"]
 
 
 # -- refusals -----------------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import yaml
 import k8s_checks as kc
 from k8s_checks import OVERLAYS
 from ssgd_dist.cli import main
-from ssgd_dist.config import validate
+from ssgd_dist.config import ConfigError, validate
 from ssgd_dist.k8s import split_image
 
 IMAGE = "registry.internal:5000/team/ssgd-dist:1.2.3"
@@ -62,7 +62,7 @@ def test_without_options_it_is_the_overlay_itself(rendered, tmp_path):
         (["rayjob", "--set", "data.batch_size=-4"], "data.batch_size"),
         (["no-such-overlay"], "expected one of cpu-smoke, pytorchjob, rayjob, torchrun-job"),
         (["rayjob", "--config", "missing.yaml"], "no such file"),
-        (["rayjob", "--image", "bad image:1"], "--image"),
+        (["rayjob", "--image", "registry.internal:5000/team/ssgd-dist"], "give a version tag or a digest"),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(rendered, tmp_path, capsys, args, message):
@@ -75,12 +75,17 @@ def test_bad_input_fails_before_anything_is_written(rendered, tmp_path, capsys, 
 @pytest.mark.parametrize(
     "ref, entry",
     [
-        ("ssgd", {"newName": "ssgd"}),
         ("reg.io/team/ssgd:1.0", {"newName": "reg.io/team/ssgd", "newTag": "1.0"}),
-        ("localhost:5000/ssgd", {"newName": "localhost:5000/ssgd"}),  # a port, not a tag
-        ("localhost:5000/ssgd:2", {"newName": "localhost:5000/ssgd", "newTag": "2"}),
+        ("localhost:5000/ssgd:2", {"newName": "localhost:5000/ssgd", "newTag": "2"}),  # a port, then a tag
+        (f"localhost:5000/ssgd@{DIGEST}", {"newName": "localhost:5000/ssgd", "digest": DIGEST}),
         (f"reg.io/ssgd:1.0@{DIGEST}", {"newName": "reg.io/ssgd", "newTag": "1.0", "digest": DIGEST}),
     ],
 )
 def test_image_references_split_as_kustomize_expects(ref, entry):
     assert split_image(ref) == entry
+
+
+@pytest.mark.parametrize("ref", ["ssgd", "localhost:5000/ssgd", "reg.io/ssgd:latest", "reg.io/ssgd:", "reg.io/ssgd@", "a b:1"])
+def test_image_references_without_a_fixed_version_are_refused(ref):
+    with pytest.raises(ConfigError, match="--image"):
+        split_image(ref)
