@@ -7,6 +7,7 @@
 # 2. `ssgd-dist train` under torchrun (NCCL, bf16), 20 steps on synthetic data.
 # 3. `ssgd-dist bench`: resnet20, bf16, global batch 1024 on one GPU, with the projection; JSON and table.
 # 4. halves and sgd-ga2 again, each step timed alone from an idle GPU (--burst 1): what launch latency adds.
+# 5. bench/trainer_readback.py: `ssgd-dist train` with train.log_every=1 vs 10 (a host sync every step or not).
 # Targets (issue 7): ssgd-halves <= 1.02 x sgd-ga2 and <= 1.05 x sgd; noise_fraction <= 0.01.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -106,3 +107,6 @@ echo "== 4. the same two variants timed one step at a time from an idle GPU (--b
 timeout 120 "$PY" -m ssgd_dist.cli bench --device cuda --world-size 1 --model resnet20 --precision bf16 \
   --batch-size "${BATCH:-1024}" --steps 20 --warmup 3 --burst 1 --no-memory --variants sgd-ga2,ssgd-halves \
   --json "$OUT/bench-resnet20-bf16-b${BATCH:-1024}-burst1.json" 2>&1 | tee "$OUT/bench-burst1.txt"
+
+echo "== 5. a whole training run reading its loss back every step vs every 10 (train.log_every)"
+timeout 240 "$PY" bench/trainer_readback.py --device cuda --json "$OUT/trainer-readback.json" 2>&1 | tee "$OUT/trainer-readback.txt"
