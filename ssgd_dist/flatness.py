@@ -107,7 +107,8 @@ def recalibrate_bn(
     if not bns:
         return False
     rank, world = _world()
-    device = next(model.parameters()).device
+    param = next(model.parameters())
+    device, dtype = param.device, (param.dtype if x_train.is_floating_point() else x_train.dtype)  # bf16 weights: bf16 inputs
     gen = torch.Generator().manual_seed(seed + 15485863)
     idx = torch.randperm(len(x_train), generator=gen)[: min(samples, len(x_train))][rank::world]
     x = x_train[idx]
@@ -121,7 +122,7 @@ def recalibrate_bn(
     model.train()
     try:
         for start in range(0, usable, chunk):
-            model(x[start : start + chunk].to(device))
+            model(x[start : start + chunk].to(device, dtype))
     finally:
         for m, momentum in zip(bns, momenta):
             m.momentum = momentum

@@ -158,7 +158,7 @@ class Trainer:
             x = x_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
             y = y_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
             with self.backend.autocast():
-                logits = model(x)
+                logits = model(self.backend.cast_input(x))
             totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(y)

@@ -105,6 +105,10 @@ class Backend:
         """Around each pass: holds gradient synchronisation back on all passes but the last."""
         return contextlib.nullcontext()
 
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """Inputs as the module takes them; autocast does the mixed-precision casting here."""
+        return x
+
     def step_scope(self) -> contextlib.AbstractContextManager:
         """Around all passes of a step (DeepSpeed ZeRO-2 coalesces its reductions here)."""
         return contextlib.nullcontext()
@@ -183,7 +187,8 @@ class Backend:
                     last = index == len(passes) - 1
                     with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
                         with self.autocast():
-                            loss = loss_fn(self.module(select_part(x, p.part)), select_part(y, p.part))
+                            logits = self.module(self.cast_input(select_part(x, p.part)))
+                            loss = loss_fn(logits.float(), select_part(y, p.part))
                         self.backward(loss * p.loss_weight)
                     loss_sum += loss.detach().float()
         finally:

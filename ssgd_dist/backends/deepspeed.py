@@ -243,10 +243,13 @@ class DeepSpeedBackend(Backend):
             self.engine.optimizer.zero_grad()
 
     def autocast(self) -> contextlib.AbstractContextManager:
-        # bf16 weights take fp32 inputs under autocast (DeepSpeed casts inputs only for fp16).
-        if self.bf16:
-            return torch.autocast(self.device_type, dtype=torch.bfloat16)
+        # DeepSpeed's bf16 runs the whole module in bf16; the engine turns an outer CUDA autocast off
+        # inside its forward (unless its own torch_autocast section is on), so the inputs are cast instead.
         return contextlib.nullcontext()
+
+    def cast_input(self, x: torch.Tensor) -> torch.Tensor:
+        """bf16 weights need bf16 inputs (DeepSpeed casts inputs itself only for fp16)."""
+        return x.to(torch.bfloat16) if self.bf16 and x.is_floating_point() else x
 
     def set_lr(self, lr: float) -> None:
         for group in self.engine.optimizer.param_groups:
