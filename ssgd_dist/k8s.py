@@ -113,10 +113,10 @@ def render(overlay: str, image: str | None = None, config: str | None = None, ov
         spec["configMapGenerator"] = [{"name": CONFIG_MAP, "behavior": "replace", "files": [CONFIG_KEY]}]
         spec["generatorOptions"] = {"disableNameSuffixHash": True}  # the overlays mount it by this name
     if image is not None:
-        names = sorted({image_name(i) for i in container_images(plain)})
-        if len(names) != 1:
-            raise ConfigError(f"--image: overlay {overlay!r} runs {len(names)} images ({', '.join(names)}); expected one to replace")
-        spec["images"] = [{"name": names[0], **split_image(image)}]
+        images = sorted({image_name(i) for i in container_images(plain)})
+        if len(images) != 1:
+            raise ConfigError(f"--image: overlay {overlay!r} runs {len(images)} images ({', '.join(images)}); expected one to replace")
+        spec["images"] = [{"name": images[0], **split_image(image)}]
     with tempfile.TemporaryDirectory(prefix="ssgd-k8s-") as tmp:
         root = Path(tmp).resolve()  # kustomize resolves links in its root; the relative path must agree
         spec["resources"] = [os.path.relpath(overlay_dir.resolve(), root)]  # kustomize takes no absolute paths

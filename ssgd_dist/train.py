@@ -226,9 +226,9 @@ class Trainer:
                 checkpoint = (self.step % every == 0 if every else epoch_end) or self.step == self.total_steps
                 if evaluate or checkpoint or len(log) >= cfg.train.log_every:
                     log.read()  # raises on a non-finite gradient: before an evaluation or a checkpoint sees it
-                if evaluate:
-                    record.update(self.evaluate())
-                log.write()
+                    if evaluate:
+                        record.update(self.evaluate())
+                    log.write()
                 if evaluate:
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
                 bar.update(1)
@@ -273,8 +273,7 @@ class StepLog:
 
     def __init__(self, writer: MetricsWriter | None):
         self.writer = writer
-        self.pending: list[tuple[dict[str, Any], bool]] = []
-        self.read_up_to = 0  # pending[:read_up_to] hold floats
+        self.pending: list[tuple[dict[str, Any], bool]] = []  # (record, whether its step was skipped)
         self.last: dict[str, Any] = {}  # the newest record written
 
     def __len__(self) -> int:
@@ -286,26 +285,23 @@ class StepLog:
     def read(self) -> None:
         """Floats for every pending record (one host sync); at a non-finite gradient norm of a step that
         was not skipped, write the records before it and raise."""
-        fresh = self.pending[self.read_up_to :]
-        values = iter(read_scalars([v for record, _ in fresh for v in (record["train_loss"], record["grad_norm"])]))
-        for record, skipped in fresh:
+        values = iter(read_scalars([v for record, _ in self.pending for v in (record["train_loss"], record["grad_norm"])]))
+        for i, (record, skipped) in enumerate(self.pending):
             record["train_loss"], record["grad_norm"] = next(values), next(values)
             norm = record["grad_norm"]
             if not skipped and norm is not None and not math.isfinite(norm):
-                self.pending = self.pending[: self.read_up_to]
+                self.pending = self.pending[:i]
                 self.write()
                 step = record["step"] - 1
                 raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {step}", step=step)
-            self.read_up_to += 1
 
     def write(self) -> None:
-        """Write the records read so far."""
-        done, self.pending = self.pending[: self.read_up_to], self.pending[self.read_up_to :]
-        self.read_up_to = 0
-        for record, _ in done:
+        """Write the pending records (after ``read``)."""
+        for record, _ in self.pending:
             if self.writer is not None:
                 self.writer.write(record)
             self.last = record
+        self.pending = []
 
     def drain(self) -> None:
         """After a failure elsewhere: write what can still be read."""

@@ -121,32 +121,36 @@ class Backend:
     def zero_grad(self) -> None:
         self.optimizer.zero_grad(set_to_none=True)
 
-    def optimizer_step(self) -> StepResult:
-        """Unscale once, clip once (on the synced gradient), step once.
+    @property
+    def can_skip(self) -> bool:
+        """Whether a step may be skipped: ``on_nonfinite: skip``, or fp16, where GradScaler skips overflows."""
+        return self.on_nonfinite == "skip" or self.scaler is not None
 
-        Nothing is read back to the host unless a step can be skipped: the gradient norm stays on the
-        device, so the CPU queues the next step while the accelerator still runs this one. Skipping
-        (``on_nonfinite: skip``, and fp16, where GradScaler reads its overflow flag) decides on the host:
-        one sync per step. The gradient is identical on every rank, so every rank decides alike.
+    def clipped_norm(self, params: list[torch.Tensor]) -> tuple[torch.Tensor, bool]:
+        """Clip once (on the synced gradient); return the norm and whether to skip the step.
+
+        Nothing is read back to the host unless a step can be skipped: the norm stays on the device,
+        so the CPU queues the next step while the accelerator still runs this one (the trainer reads
+        it later). A skip is decided on the host: one sync per step. The gradient is identical on
+        every rank, so every rank decides alike.
         """
+        max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        return norm, self.can_skip and not bool(torch.isfinite(norm))
+
+    def optimizer_step(self) -> StepResult:
+        """Unscale once, clip once, step once (or skip)."""
         params = [p for g in self.optimizer.param_groups for p in g["params"] if p.grad is not None]
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
-        skipped = False
+        norm, skipped = self.clipped_norm(params)
         if self.scaler is not None:
-            skipped = not bool(torch.isfinite(norm))
             self.scaler.step(self.optimizer)  # skips the step itself when either pass overflowed
             self.scaler.update()
-        elif self.on_nonfinite == "skip":
-            skipped = not bool(torch.isfinite(norm))
-            if not skipped:
-                self.optimizer.step()
-        else:
-            self.optimizer.step()  # a non-finite norm is seen by the trainer, before any checkpoint
+        elif not skipped:
+            self.optimizer.step()  # under ``stop`` a non-finite norm is seen by the trainer, before any checkpoint
         self.zero_grad()
-        return StepResult(loss=float("nan"), grad_norm=norm.detach(), skipped=skipped)
+        return StepResult(loss=float("nan"), grad_norm=norm, skipped=skipped)
 
     def set_lr(self, lr: float) -> None:
         for group in self.optimizer.param_groups:
@@ -178,8 +182,7 @@ class Backend:
         passes = method.passes()
         loss_sum = torch.zeros((), device=x.device)
         # Only a step that can be skipped needs a way back: a skipped one must not leave NaN statistics.
-        can_skip = self.on_nonfinite == "skip" or self.scaler is not None
-        bn_before = bn_snapshot(self.model) if can_skip else []
+        bn_before = bn_snapshot(self.model) if self.can_skip else []
         try:
             with self.step_scope():
                 for index, p in enumerate(passes):

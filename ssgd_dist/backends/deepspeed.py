@@ -262,13 +262,7 @@ class DeepSpeedBackend(Backend):
     def optimizer_step(self) -> StepResult:
         engine = self.engine
         if self.plain:
-            params = [p for p in self.model.parameters() if p.grad is not None]
-            max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
-            norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
-            if self.on_nonfinite == "stop":  # as in the DDP backend: the trainer reads the norm, no sync here
-                engine.step()
-                return StepResult(loss=float("nan"), grad_norm=norm, skipped=False)
-            skipped = not bool(torch.isfinite(norm))
+            norm, skipped = self.clipped_norm([p for p in self.model.parameters() if p.grad is not None])
             if skipped:
                 engine.zero_grad()
             else:
