@@ -222,6 +222,7 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     from ray.train import Checkpoint
 
     from ssgd_dist.config import validate
+    from ssgd_dist.metrics import scalars
     from ssgd_dist.train import train
 
     cfg = validate(loop["config"])
@@ -230,7 +231,7 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
 
     def on_checkpoint(record: dict[str, Any], path: Path | None) -> None:
         # Every rank reports (the report is a barrier); rank 0 attaches the checkpoint.
-        metrics = {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        metrics = scalars(record)
         if path is None:
             ray.train.report(metrics, checkpoint=None)
             return

@@ -31,14 +31,19 @@ class MetricsWriter:
     def write(self, record: dict[str, Any]) -> None:
         self._file.write(json.dumps(record) + "\n")
         if self._tb is not None:
-            for key, value in record.items():
-                if key != "step" and isinstance(value, (int, float)) and not isinstance(value, bool):
+            for key, value in scalars(record).items():
+                if key != "step":
                     self._tb.add_scalar(key, value, record["step"])
 
     def close(self) -> None:
         self._file.close()
         if self._tb is not None:
             self._tb.close()
+
+
+def scalars(record: dict[str, Any]) -> dict[str, int | float]:
+    """The numeric entries of a record (what TensorBoard and Ray's metrics take; a bool is not one)."""
+    return {k: v for k, v in record.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
 
 
 def _step(line: str) -> int | None:

@@ -385,6 +385,7 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
     import ray.train
 
     from .backends import NonFiniteError
+    from .metrics import scalars
     from .train import train
 
     cfg = validate(config["cfg"])
@@ -398,7 +399,7 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
         resume_from = local / "checkpoint.pt"
 
     def report(metrics: dict[str, Any], path: Path | None) -> None:
-        numeric = {k: v for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        numeric = scalars(metrics)
         if path is None:
             ray.train.report(numeric)
             return
