@@ -38,6 +38,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from .distributed import all_reduce_sum
 from .noise import draw_noise, noise_generator, select_targets
 from .plots import label_axes, pyplot as _plt, save_figure
 
@@ -85,12 +86,6 @@ def _world() -> tuple[int, int]:
     return 0, 1
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if _world()[1] > 1:
-        dist.all_reduce(t)
-    return t
-
-
 # -- BatchNorm recalibration ------------------------------------------------------------------------
 @torch.no_grad()
 def recalibrate_bn(
@@ -130,7 +125,7 @@ def recalibrate_bn(
     if world > 1:
         for m in bns:
             for buf in (m.running_mean, m.running_var):
-                _all_reduce(buf).div_(world)
+                all_reduce_sum(buf).div_(world)
     return True
 
 
@@ -148,7 +143,7 @@ class LossOracle:
         self.x, self.y = x, y
         self.batch_size = max(1, batch_size)
         self.params = [p for p in model.parameters() if p.requires_grad]
-        self.total = int(_all_reduce(torch.tensor([len(y)], dtype=torch.float64, device=self.device)).item())
+        self.total = int(all_reduce_sum(torch.tensor([len(y)], dtype=torch.float64, device=self.device)).item())
         if self.total == 0:
             raise ValueError("flatness: no samples to evaluate on")
         self.evaluations = 0
@@ -166,7 +161,7 @@ class LossOracle:
             if out.ndim == 2 and not y.is_floating_point():
                 totals[1] += (out.argmax(1) == y).sum()
                 totals[2] += len(y)
-        _all_reduce(totals)
+        all_reduce_sum(totals)
         self.evaluations += 1
         loss = float(totals[0]) / self.total
         return loss, (float(totals[1] / totals[2]) if totals[2] > 0 else None)
@@ -200,7 +195,7 @@ class LossOracle:
                 continue  # the loss is linear in the parameters here: H = 0
             hv = torch.autograd.grad(dot, self.params, allow_unused=True)
             acc += self.flat([h if h is not None else torch.zeros_like(p) for h, p in zip(hv, self.params)]).double()
-        return _all_reduce(acc).to(v.dtype)
+        return all_reduce_sum(acc).to(v.dtype)
 
 
 # -- measures ---------------------------------------------------------------------------------------
