@@ -42,10 +42,9 @@ _REPO = Path(__file__).resolve().parents[1]
 if (_REPO / "ssgd_dist").is_dir() and str(_REPO) not in sys.path:
     sys.path.insert(1, str(_REPO))
 
-from ssgd_dist.config import Config, ConfigError, load_config  # noqa: E402
+from ssgd_dist.config import Config, load_config  # noqa: E402
+from ssgd_dist.errors import EXIT_CONFIG, EXIT_FAILED, ConfigError  # noqa: E402
 
-EXIT_FAILED = 1
-EXIT_CONFIG = 2
 DEFAULT_STORAGE = "~/ray_results"
 # What a Ray checkpoint holds: a run directory with only the newest checkpoint.
 SNAPSHOT_FILES = ("config.yaml", "metrics.jsonl")

@@ -45,6 +45,7 @@ from .config import Config, ConfigError, ModelConfig, OptimConfig
 from .methods import METHODS, SGD, Pass, build_method
 from .models import build_model
 from .optimizers import build_optimizer
+from .seeding import Stream, generator, seed_initial_weights
 
 INPUT_SHAPES = {"mlp": (40,), "cnn1d": (40,)}  # MNIST-1D; the image models take CIFAR's (3, 32, 32)
 NUM_CLASSES = 10
@@ -283,7 +284,7 @@ def _peak_rss_bytes() -> int | None:
 def _batch(opts: argparse.Namespace, shape: tuple[int, ...], rank: int, world_size: int, device: torch.device):
     """This rank's fixed random batch: the cost of a step does not depend on the data."""
     local = opts.batch_size // world_size
-    gen = torch.Generator().manual_seed(1000 + rank)
+    gen = generator(Stream.BENCH_DATA, rank)
     x = torch.randn(local, *shape, generator=gen)
     y = torch.randint(0, NUM_CLASSES, (local,), generator=gen)
     return x.to(device), y.to(device)
@@ -301,7 +302,7 @@ def _run_rank(rank: int, world_size: int, opts: argparse.Namespace) -> dict[str,
     if device.type == "cuda":
         torch.cuda.set_device(device)
     torch.set_num_threads(opts.threads)
-    torch.manual_seed(opts.seed)
+    seed_initial_weights(opts.seed)
     input_shape = INPUT_SHAPES.get(opts.model, (3, 32, 32))
     base = build_model(ModelConfig(name=opts.model), input_shape, NUM_CLASSES).to(device)
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())

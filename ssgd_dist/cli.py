@@ -8,14 +8,12 @@ from __future__ import annotations
 
 import argparse
 import os
-import subprocess
 import sys
 from pathlib import Path
 
-from .config import ConfigError, load_config
-
-EXIT_CONFIG = 2
-EXIT_NONFINITE = 3
+from .config import load_config
+from .errors import EXIT_CONFIG, EXIT_NONFINITE, ConfigError, NonFiniteError
+from .launchers.torchrun import run_torchrun
 
 
 def _is_rank0() -> bool:
@@ -38,15 +36,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_torchrun(nproc: int, train_args: list[str], env: dict[str, str] | None = None) -> int:
-    """Launch ``ssgd-dist train`` on ``nproc`` local workers through torchrun (a real process group)."""
-    cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "ssgd_dist.cli", "train", *train_args,
-    ]  # fmt: skip
-    return subprocess.run(cmd, env={**os.environ, **(env or {}), "OMP_NUM_THREADS": "1"}).returncode
-
-
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """SGD vs S-SGD at batch 2000 on MNIST-1D, 2 CPU workers each, then a table and a report."""
     from .report import comparison_table, summarize_run, write_report
@@ -57,7 +46,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     for method in ("sgd", "ssgd"):
         run_dir = base / method
         print(f"== {method}: {args.workers} workers, run dir {run_dir}", flush=True)
-        rc = run_torchrun(args.workers, ["--config", "quickstart", "--set", f"method={method}", *sum((["--set", s] for s in args.set), []), "--run-dir", str(run_dir)])
+        rc = run_torchrun(args.workers, ["train", "--config", "quickstart", "--set", f"method={method}", *sum((["--set", s] for s in args.set), []), "--run-dir", str(run_dir)])
         if rc != 0:
             print(f"ssgd-dist: the {method} run failed with exit code {rc}", file=sys.stderr)
             return rc
@@ -129,8 +118,7 @@ def cmd_flatness(args: argparse.Namespace) -> int:
                      "hutchinson", "landscape_1d", "landscape_2d", "span", "seed"):  # fmt: skip
             if getattr(args, flag) is not None:
                 forward += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}", "-m", "ssgd_dist.cli", *forward]
-        return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1"}).returncode
+        return run_torchrun(args.workers, forward)
     result = measure_run(Path(args.run_dir), opts, Path(args.checkpoint) if args.checkpoint else None, Path(args.out) if args.out else None)
     if _is_rank0():
         out = Path(args.out) if args.out else Path(args.run_dir) / "flatness"
@@ -252,8 +240,6 @@ def cmd_bench(args: argparse.Namespace) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from .backends import NonFiniteError
-
     try:
         return args.func(args)
     except ConfigError as exc:

@@ -15,9 +15,7 @@ from typing import Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
-
-class ConfigError(ValueError):
-    """A user-facing configuration problem; the CLI prints it on one line and exits with code 2."""
+from .errors import ConfigError
 
 
 class _Section(BaseModel):

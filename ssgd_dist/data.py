@@ -15,12 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError, DataConfig
-from .noise import step_seed
-
-
-class DataError(ConfigError):
-    """Missing or malformed data on disk; reported like a configuration error (exit 2)."""
+from .config import DataConfig
+from .errors import ConfigError, DataError
+from .seeding import Stream, generator
 
 
 @dataclass
@@ -202,7 +199,7 @@ class GlobalBatches:
 
     def permutation(self, epoch: int) -> torch.Tensor:
         if epoch != self._epoch:
-            gen = torch.Generator().manual_seed(step_seed(self.seed + 7919, epoch))
+            gen = generator(Stream.DATA_ORDER, self.seed, epoch)
             self._perm = torch.randperm(self.num_examples, generator=gen)
             self._epoch = epoch
         assert self._perm is not None
@@ -222,7 +219,7 @@ def augment_images(x: torch.Tensor, seed: int, step: int, offset: int, global_ba
 
     Drawing for the global batch keeps augmentation identical for any world size.
     """
-    gen = torch.Generator().manual_seed(step_seed(seed + 104729, step))
+    gen = generator(Stream.AUGMENT, seed, step)
     shifts = torch.randint(0, 9, (global_batch, 2), generator=gen)[offset : offset + len(x)]
     flips = torch.rand(global_batch, generator=gen)[offset : offset + len(x)] < 0.5
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))

@@ -9,7 +9,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from .config import ConfigError
+from .errors import ConfigError
 
 
 @dataclass

@@ -40,6 +40,7 @@ from torch import nn
 
 from .distributed import all_reduce_sum
 from .noise import draw_noise, noise_generator, select_targets
+from .seeding import RADIUS_STRIDE, Stream, generator, seed_initial_weights
 from .plots import label_axes, pyplot as _plt, save_figure
 
 LossFn = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
@@ -77,56 +78,6 @@ class FlatnessOptions:
         if "radii" in d:
             d["radii"] = tuple(float(r) for r in d["radii"])
         return cls(**d)
-
-
-# -- distributed helpers ----------------------------------------------------------------------------
-def _world() -> tuple[int, int]:
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-# -- BatchNorm recalibration ------------------------------------------------------------------------
-@torch.no_grad()
-def recalibrate_bn(
-    model: nn.Module, x_train: torch.Tensor, samples: int, batch_size: int, seed: int = 0, ctx: Any = None
-) -> bool:
-    """Recompute BatchNorm running statistics at the current weights (no noise).
-
-    Statistics are reset, then accumulated as an equal-weight average (``momentum=None``) over
-    forward passes in train mode on ``samples`` training examples (a fixed seeded subset, no
-    augmentation), each rank on a strided shard; ranks then average their statistics so every replica
-    holds the same buffers. Returns False when the model has no BatchNorm with running statistics.
-    """
-    bns = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats]
-    if not bns:
-        return False
-    rank, world = _world()
-    param = next(model.parameters())
-    device, dtype = param.device, (param.dtype if x_train.is_floating_point() else x_train.dtype)  # bf16 weights: bf16 inputs
-    gen = torch.Generator().manual_seed(seed + 15485863)
-    idx = torch.randperm(len(x_train), generator=gen)[: min(samples, len(x_train))][rank::world]
-    x = x_train[idx]
-    chunk = max(1, min(batch_size, len(x)))
-    usable = (len(x) // chunk) * chunk  # equal chunks: the running average weighs every sample equally
-    was_training = model.training
-    momenta = [m.momentum for m in bns]
-    for m in bns:
-        m.reset_running_stats()
-        m.momentum = None
-    model.train()
-    try:
-        for start in range(0, usable, chunk):
-            model(x[start : start + chunk].to(device, dtype))
-    finally:
-        for m, momentum in zip(bns, momenta):
-            m.momentum = momentum
-        model.train(was_training)
-    if world > 1:
-        for m in bns:
-            for buf in (m.running_mean, m.running_var):
-                all_reduce_sum(buf).div_(world)
-    return True
 
 
 # -- the loss over a fixed sample set ---------------------------------------------------------------
@@ -201,7 +152,7 @@ class LossOracle:
 # -- measures ---------------------------------------------------------------------------------------
 def top_eigenvalue(oracle: LossOracle, iters: int = 100, tol: float = 1e-5, seed: int = 0) -> tuple[float, int]:
     """Power iteration on H v; the Rayleigh quotient v^T H v of the converged v (largest |eigenvalue|)."""
-    gen = torch.Generator().manual_seed(seed + 1)
+    gen = generator(Stream.HESSIAN_POWER, seed)
     v = torch.randn(oracle.dim, generator=gen, dtype=torch.float64)
     v /= v.norm()
     estimate = float("nan")
@@ -220,7 +171,7 @@ def top_eigenvalue(oracle: LossOracle, iters: int = 100, tol: float = 1e-5, seed
 
 def hessian_trace(oracle: LossOracle, probes: int = 100, seed: int = 0) -> tuple[float, float]:
     """Hutchinson: mean of v^T H v over Rademacher probes v, and the standard error of that mean."""
-    gen = torch.Generator().manual_seed(seed + 2)
+    gen = generator(Stream.HESSIAN_TRACE, seed)
     values = []
     for _ in range(probes):
         v = torch.randint(0, 2, (oracle.dim,), generator=gen).float().mul_(2).sub_(1)
@@ -244,7 +195,7 @@ def perturbation_sharpness(
         for ri, radius in enumerate(radii):
             increases, drops = [], []
             for k in range(draws):
-                gen = noise_generator(seed * 1000003 + ri, k, backup[0].device)
+                gen = noise_generator(seed * RADIUS_STRIDE + ri, k, backup[0].device)
                 noise = list(draw_noise(backup, distribution, "layer_rms", float(radius), gen))
                 results = []
                 for sign in (1.0, -1.0):
@@ -285,7 +236,7 @@ def filter_normalized_direction(params: Sequence[torch.Tensor], gen: torch.Gener
 def loss_landscape(oracle: LossOracle, points: int, span: float, dims: int, seed: int = 0) -> dict[str, Any]:
     """Loss (and accuracy) on a grid along 1 or 2 filter-normalised random directions through w."""
     params = oracle.params
-    gen = torch.Generator().manual_seed(seed + 3)
+    gen = generator(Stream.LANDSCAPE, seed)
     directions = [filter_normalized_direction(params, gen) for _ in range(dims)]
     coords = torch.linspace(-span, span, points).tolist()
     backup = [p.detach().clone() for p in params]
@@ -418,7 +369,8 @@ def measure_run(run_dir: Path, opts: FlatnessOptions | None = None, checkpoint: 
     """
     from . import distributed
     from .checkpoint import load_checkpoint_file, load_latest
-    from .config import ConfigError, load_config
+    from .config import load_config
+    from .errors import ConfigError
     from .data import load_dataset
     from .models import build_model
 
@@ -441,7 +393,7 @@ def measure_run(run_dir: Path, opts: FlatnessOptions | None = None, checkpoint: 
                 raise ConfigError(f"flatness: {run_dir} has no checkpoint yet (train it first, or pass --checkpoint FILE)")
             state, ckpt_path = found
         data = load_dataset(cfg.data)
-        torch.manual_seed(cfg.seed)
+        seed_initial_weights(cfg.seed)
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
         model.load_state_dict(state["model"])
         n = len(data.y_train) if opts.samples <= 0 else min(opts.samples, len(data.y_train))

@@ -22,7 +22,8 @@ from typing import Any
 
 import yaml
 
-from .config import ConfigError, dump_config, override, read_config_yaml
+from .config import dump_config, override, read_config_yaml
+from .errors import ConfigError
 
 CONFIG_MAP = "ssgd-config"
 CONFIG_KEY = "config.yaml"

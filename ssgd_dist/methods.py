@@ -15,7 +15,8 @@ from typing import Literal
 import torch
 from torch import nn
 
-from .config import Config, ConfigError
+from .config import Config
+from .errors import ConfigError
 from .noise import Perturber, alpha_at, select_targets
 
 Part = Literal["all", "even", "odd"]

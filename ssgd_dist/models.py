@@ -6,7 +6,8 @@ import math
 
 from torch import nn
 
-from .config import ConfigError, ModelConfig
+from .config import ModelConfig
+from .errors import ConfigError
 
 
 def mlp(in_features: int, hidden: list[int], num_classes: int) -> nn.Module:

@@ -13,21 +13,12 @@ from collections.abc import Iterable, Iterator
 import torch
 from torch import nn
 
-_MASK64 = (1 << 64) - 1
-
-
-def step_seed(seed: int, step: int) -> int:
-    """SplitMix64 of (seed, step): neighbouring steps and seeds give unrelated streams."""
-    z = (seed * 0x9E3779B97F4A7C15 + step + 1) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+from .seeding import Stream, generator
 
 
 def noise_generator(seed: int, step: int, device: torch.device | str) -> torch.Generator:
-    gen = torch.Generator(device=device)
-    gen.manual_seed(step_seed(seed, step))
-    return gen
+    """The noise of optimizer ``step``: the same on every rank, drawn on the weights' device."""
+    return generator(Stream.NOISE, seed, step, device)
 
 
 def select_targets(model: nn.Module, targets: str) -> list[nn.Parameter]:

@@ -46,7 +46,8 @@ from typing import Any
 
 import yaml
 
-from .config import Config, ConfigError, read_config_yaml, apply_override, dump_config, parse_yaml_mapping, validate
+from .config import Config, read_config_yaml, apply_override, dump_config, parse_yaml_mapping, validate
+from .errors import EXIT_NONFINITE, ConfigError, NonFiniteError
 from .flatness import FlatnessOptions, flatness_path
 
 GRID_KEYS = {"name", "base", "set", "methods", "batch_sizes", "batch_set", "seeds", "vary", "flatness", "blocks", "description"}
@@ -308,8 +309,6 @@ def _write_info(run_dir: Path, info: dict[str, Any]) -> None:
 
 # -- local execution ---------------------------------------------------------------------------------
 def _train_cell(cell: Cell, run_dir: Path, workers: int, config_dir: Path) -> str:
-    from .backends import NonFiniteError
-
     if workers <= 1:
         from .train import train
 
@@ -319,12 +318,12 @@ def _train_cell(cell: Cell, run_dir: Path, workers: int, config_dir: Path) -> st
             print(f"  {cell.name}: diverged ({exc})")
             return "diverged"
         return "done"
-    from .cli import EXIT_NONFINITE, run_torchrun
+    from .launchers.torchrun import run_torchrun
 
     config_dir.mkdir(parents=True, exist_ok=True)
     cfg_path = config_dir / f"{cell.name}.yaml"
     cfg_path.write_text(dump_config(cell.cfg))
-    rc = run_torchrun(workers, ["--config", str(cfg_path), "--run-dir", str(run_dir)])
+    rc = run_torchrun(workers, ["train", "--config", str(cfg_path), "--run-dir", str(run_dir)])
     if rc == EXIT_NONFINITE:
         return "diverged"
     return "done" if rc == 0 else f"failed (exit code {rc})"
@@ -384,7 +383,6 @@ def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
 
     import ray.train
 
-    from .backends import NonFiniteError
     from .metrics import scalars
     from .train import train
 

@@ -24,14 +24,17 @@ import yaml
 from tqdm import tqdm
 
 from . import distributed
-from .backends import NonFiniteError, build_backend
+from .backends import build_backend
+from .bn import recalibrate_bn
 from .checkpoint import load_checkpoint_file, load_latest, save_checkpoint
-from .config import Config, ConfigError, dump_config
+from .config import Config, dump_config
+from .errors import ConfigError, NonFiniteError
 from .data import Dataset, GlobalBatches, augment_images, load_dataset
 from .methods import build_method
 from .metrics import MetricsWriter
 from .models import build_model
 from .optimizers import build_optimizer, lr_at
+from .seeding import seed_initial_weights
 
 # Keys that may change between a run and its resumption: they do not change what is computed.
 RESUMABLE_DIFFERENCES = {
@@ -100,7 +103,7 @@ class Trainer:
         steps = cfg.train.epochs * self.batches.steps_per_epoch
         self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
-        torch.manual_seed(cfg.seed)  # identical initial weights on every rank and for every world size
+        seed_initial_weights(cfg.seed)  # identical initial weights on every rank and for every world size
         self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(ctx.device)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.backend = build_backend(cfg, self.model, self.optimizer, ctx.world_size)
@@ -148,9 +151,7 @@ class Trainer:
         model = self.backend.model
         was_training = model.training
         if self.cfg.train.bn_recalibrate:
-            from .flatness import recalibrate_bn
-
-            recalibrate_bn(model, self.data.x_train, self.cfg.train.bn_recalibrate_samples, self.cfg.data.eval_batch_size, self.cfg.seed, self.ctx)
+            recalibrate_bn(model, self.data.x_train, self.cfg.train.bn_recalibrate_samples, self.cfg.data.eval_batch_size, self.cfg.seed)
         model.eval()
         x_all, y_all = self.data.x_test[self.ctx.rank :: self.ctx.world_size], self.data.y_test[self.ctx.rank :: self.ctx.world_size]
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)

@@ -3,7 +3,8 @@ import pytest
 import torch
 
 from ssgd_dist.config import DataConfig, ModelConfig
-from ssgd_dist.data import DataError, GlobalBatches, load_dataset
+from ssgd_dist.data import GlobalBatches, load_dataset
+from ssgd_dist.errors import DataError
 from ssgd_dist.methods import select_part
 from ssgd_dist.models import build_model
 

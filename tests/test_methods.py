@@ -9,7 +9,7 @@ from torch import nn
 from ssgd_dist.backends.local import LocalBackend
 from ssgd_dist.config import Config
 from ssgd_dist.methods import build_method
-from ssgd_dist.noise import step_seed
+from ssgd_dist.seeding import step_seed
 
 SEED, STEP, ALPHA = 7, 3, 0.3
 

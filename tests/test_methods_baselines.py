@@ -19,7 +19,7 @@ from torch import nn
 
 from ssgd_dist.backends.local import LocalBackend
 from ssgd_dist.config import Config
-from ssgd_dist.flatness import recalibrate_bn
+from ssgd_dist.bn import recalibrate_bn
 from ssgd_dist.methods import build_method
 from ssgd_dist.noise import draw_noise, noise_generator, select_targets
 

@@ -11,9 +11,9 @@ from ssgd_dist.noise import (
     noise_generator,
     noise_scale,
     select_targets,
-    step_seed,
     unit_noise,
 )
+from ssgd_dist.seeding import step_seed
 
 
 def _noise(w, distribution="rademacher", scale="layer_rms", alpha=0.3, seed=0, step=0):

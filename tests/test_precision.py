@@ -19,7 +19,7 @@ from ssgd_dist.backends.local import LocalBackend
 from ssgd_dist.config import Config
 from ssgd_dist.data import load_synthetic
 from ssgd_dist.methods import build_method
-from ssgd_dist.noise import step_seed
+from ssgd_dist.seeding import step_seed
 
 SEED, ALPHA, LR, MAX_NORM = 3, 0.3, 0.1, 0.05
 

@@ -149,7 +149,7 @@ def test_diverged_run_is_recorded_and_not_repeated(tmp_path, capsys):
 
 
 def test_grid_errors_name_the_problem(tmp_path):
-    from ssgd_dist.config import ConfigError
+    from ssgd_dist.errors import ConfigError
     from ssgd_dist.sweep import load_grid
 
     bad = tmp_path / "g.yaml"

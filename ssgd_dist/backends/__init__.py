@@ -5,8 +5,9 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..config import Config, ConfigError
-from .base import Backend, NonFiniteError, StepResult
+from ..config import Config
+from ..errors import ConfigError
+from .base import Backend, StepResult
 
 
 def resolve_backend_name(cfg: Config, world_size: int) -> str:
@@ -38,4 +39,4 @@ def build_backend(cfg: Config, model: nn.Module, optimizer: torch.optim.Optimize
     return LocalBackend(model, optimizer, **kwargs)
 
 
-__all__ = ["Backend", "NonFiniteError", "StepResult", "build_backend", "resolve_backend_name"]
+__all__ = ["Backend", "StepResult", "build_backend", "resolve_backend_name"]

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
+from ..bn import bn_restore, bn_snapshot, frozen_bn_stats
 from ..methods import Method, select_part
 
 
@@ -29,50 +30,6 @@ class StepResult:
     loss: torch.Tensor | float
     grad_norm: torch.Tensor | float | None
     skipped: bool
-
-
-class NonFiniteError(RuntimeError):
-    """The synchronised gradient is not finite; under ``on_nonfinite: stop`` the run ends here.
-
-    ``step`` is the 0-based step that produced it, when it was found after later steps had run.
-    """
-
-    def __init__(self, message: str, step: int | None = None):
-        super().__init__(message)
-        self.step = step
-
-    def __reduce__(self):  # keeps ``step`` across processes (Ray sends worker errors pickled)
-        return type(self), (str(self), self.step)
-
-
-def bn_snapshot(model: nn.Module) -> list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]:
-    """Copies of every BatchNorm layer's running statistics (small: two vectors and a counter each)."""
-    return [
-        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
-        for m in model.modules()
-        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats
-    ]
-
-
-def bn_restore(saved: list[tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]]) -> None:
-    with torch.no_grad():
-        for m, mean, var, count in saved:
-            m.running_mean.copy_(mean)
-            m.running_var.copy_(var)
-            m.num_batches_tracked.copy_(count)
-
-
-@contextlib.contextmanager
-def frozen_bn_stats(model: nn.Module, frozen: bool) -> Iterator[None]:
-    """Keep BatchNorm running statistics as they are for a pass that sees samples a second time."""
-    if not frozen:
-        yield
-        return
-    saved = bn_snapshot(model)
-    try:
-        yield
-    finally:
-        bn_restore(saved)
 
 
 class Backend:

@@ -51,8 +51,9 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from ..config import Config, ConfigError
-from .base import Backend, NonFiniteError, StepResult
+from ..config import Config
+from ..errors import ConfigError, NonFiniteError
+from .base import Backend, StepResult
 
 SUPPORTED_STAGES = (0, 1, 2)
 SYNC_MODES = ("boundary", "coalesce")

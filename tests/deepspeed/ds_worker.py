@@ -32,7 +32,8 @@ import torch.distributed as dist  # noqa: E402
 
 from ssgd_dist import distributed  # noqa: E402
 from ssgd_dist.backends import deepspeed as ds_backend  # noqa: E402
-from ssgd_dist.config import ConfigError, load_config  # noqa: E402
+from ssgd_dist.config import load_config  # noqa: E402
+from ssgd_dist.errors import ConfigError  # noqa: E402
 from ssgd_dist.train import Trainer  # noqa: E402
 
 REDUCE_OPS = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor")
