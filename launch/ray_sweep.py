@@ -4,27 +4,16 @@
         python launch/ray_sweep.py mnist1d-large-batch --out /shared/runs/mnist1d-large-batch \\
         [--workers 2] [--use-gpu] [--max-concurrent 4] [--set key=value ...] [--seeds 0,1,2]
 
-Every pending cell of the grid becomes one Ray Train ``TorchTrainer`` job with ``--workers`` DDP
-workers; up to ``--max-concurrent`` run at once (default: the cluster's CPUs / workers). Each worker
-runs ``ssgd_dist.train.train`` (the same loop and step as torchrun), reports its checkpoints to Ray,
-and after training the same workers measure the run's flatness, each on a shard of the samples.
-Finished runs are skipped, so re-submitting the same command resumes the grid. ``--out`` must be a
-directory every node sees (NFS or similar); the report is written to ``OUT/report``.
-
-This is ``ssgd-dist sweep GRID --ray auto ...`` with the cluster address taken from the job's
-environment; every ``ssgd-dist sweep`` flag is accepted.
+This is ``ssgd-dist sweep GRID --ray auto ...`` (every ``sweep`` flag is accepted) with the cluster
+address taken from the job's environment: each pending cell becomes one Ray Train run of ``--workers``
+workers, which also measure its flatness. ``--out`` must be a directory every node sees; re-submitting
+resumes the grid, and the report is written to ``OUT/report``.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-_REPO = Path(__file__).resolve().parents[1]
-if (_REPO / "ssgd_dist").is_dir() and str(_REPO) not in sys.path:
-    sys.path.insert(1, str(_REPO))
-
-from ssgd_dist.cli import main  # noqa: E402
+from ssgd_dist.cli import main
 
 
 def _out(argv: list[str]) -> str | None:

@@ -38,7 +38,7 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def cmd_quickstart(args: argparse.Namespace) -> int:
     """SGD vs S-SGD at batch 2000 on MNIST-1D, 2 CPU workers each, then a table and a report."""
-    from .report import comparison_table, summarize_run, write_report
+    from .analysis.report import comparison_table, summarize_run, write_report
 
     base = Path(args.run_dir)
     load_config("quickstart", args.set)  # fail fast, before launching workers
@@ -59,7 +59,7 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
 
 
 def cmd_report(args: argparse.Namespace) -> int:
-    from .report import collect_run_dirs, write_report
+    from .analysis.report import collect_run_dirs, write_report
 
     missing = [d for d in args.runs if not Path(d).is_dir()]
     if missing:
@@ -94,7 +94,7 @@ def cmd_sweep(args: argparse.Namespace) -> int:
     diverged = sum(s == "diverged" for s in statuses.values())
     print(f"sweep {grid.name}: {done} done, {diverged} diverged, {len(bad)} failed or not run" + (f"; report: {report}" if report else ""))
     if report is not None:
-        from .report import collect_run_dirs, comparison_table, summarize_run
+        from .analysis.report import collect_run_dirs, comparison_table, summarize_run
 
         print()
         print(comparison_table([summarize_run(d) for d in collect_run_dirs([out / c.name for c in grid.cells if statuses.get(c.name) in ("done", "diverged")])]))
@@ -105,24 +105,22 @@ def cmd_sweep(args: argparse.Namespace) -> int:
 
 def cmd_flatness(args: argparse.Namespace) -> int:
     """Sharpness and loss landscapes of a run's checkpoint; --workers N shards the samples over N ranks."""
-    from .flatness import FlatnessOptions, measure_run, summary_line
+    from .analysis.flatness_run import FLATNESS_DIR, measure_run, summary_line
+    from .config import FlatnessOptions
 
-    opts = FlatnessOptions(
-        samples=args.samples, batch_size=args.batch_size, radii=tuple(args.radii), draws=args.draws, distribution=args.distribution,
-        targets=args.targets, power_iters=args.power_iters, hutchinson=args.hutchinson, landscape_1d=args.landscape_1d,
-        landscape_2d=args.landscape_2d, span=args.span, seed=args.seed,
-    )  # fmt: skip
+    given = {name: value for name in FlatnessOptions.model_fields if (value := getattr(args, name, None)) is not None}
+    opts = FlatnessOptions.from_dict(given)  # a bad value fails here, before any worker starts
     if args.workers > 1 and "WORLD_SIZE" not in os.environ:
-        forward = ["flatness", args.run_dir, "--radii", ",".join(map(str, args.radii))]
-        for flag in ("checkpoint", "out", "samples", "batch_size", "draws", "distribution", "targets", "power_iters",
-                     "hutchinson", "landscape_1d", "landscape_2d", "span", "seed"):  # fmt: skip
-            if getattr(args, flag) is not None:
-                forward += [f"--{flag.replace('_', '-')}", str(getattr(args, flag))]
+        forward = ["flatness", args.run_dir]
+        for flag in ("checkpoint", "out", *given):
+            value = getattr(args, flag)
+            if value is not None:
+                forward += [f"--{flag.replace('_', '-')}", ",".join(map(str, value)) if flag == "radii" else str(value)]
         return run_torchrun(args.workers, forward)
-    result = measure_run(Path(args.run_dir), opts, Path(args.checkpoint) if args.checkpoint else None, Path(args.out) if args.out else None)
+    out = Path(args.out) if args.out else None
+    result = measure_run(Path(args.run_dir), opts, Path(args.checkpoint) if args.checkpoint else None, out)
     if _is_rank0():
-        out = Path(args.out) if args.out else Path(args.run_dir) / "flatness"
-        print(f"ssgd-dist: {summary_line(result)}\nwritten to {out}")
+        print(f"ssgd-dist: {summary_line(result)}\nwritten to {out or Path(args.run_dir) / FLATNESS_DIR}")
     return 0
 
 
@@ -171,42 +169,55 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("flatness", help="sharpness (perturbation, Hessian eigenvalue and trace) and loss landscapes of a run")
+    # No defaults here: a flag left out stays None, and FlatnessOptions holds every default.
+    from .config import FlatnessOptions
+
     p.add_argument("run_dir")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--out", help="output directory (default RUN_DIR/flatness)")
-    p.add_argument("--samples", type=int, default=2000, help="training examples used (0: all), sharded over ranks")
-    p.add_argument("--batch-size", type=int, default=1000)
-    p.add_argument("--radii", type=_csv(float), default=[0.01, 0.02, 0.05, 0.1, 0.2], help="relative radii, comma-separated")
-    p.add_argument("--draws", type=int, default=10, help="random +-n pairs per radius")
-    p.add_argument("--distribution", default="sphere", choices=["sphere", "rademacher", "gaussian", "uniform"])
-    p.add_argument("--targets", default="weights", choices=["weights", "all"])
-    p.add_argument("--power-iters", type=int, default=100, help="power-iteration steps for the top eigenvalue (0: skip)")
-    p.add_argument("--hutchinson", type=int, default=100, help="Rademacher probes for the trace (0: skip)")
-    p.add_argument("--landscape-1d", type=int, default=41, help="points of the 1-D landscape (0: skip)")
-    p.add_argument("--landscape-2d", type=int, default=21, help="points per axis of the 2-D landscape (0: skip)")
-    p.add_argument("--span", type=float, default=1.0, help="landscape coordinates in [-span, span]")
-    p.add_argument("--seed", type=int, default=0, help="seed of the random directions")
+    p.add_argument("--samples", type=int, help="training examples used (0: all), sharded over ranks")
+    p.add_argument("--batch-size", type=int)
+    p.add_argument("--radii", type=_csv(float), help="relative radii, comma-separated")
+    p.add_argument("--draws", type=int, help="random +-n pairs per radius")
+    p.add_argument("--distribution", choices=FlatnessOptions.model_fields["distribution"].annotation.__args__)
+    p.add_argument("--targets", choices=FlatnessOptions.model_fields["targets"].annotation.__args__)
+    p.add_argument("--power-iters", type=int, help="power-iteration steps for the top eigenvalue (0: skip)")
+    p.add_argument("--hutchinson", type=int, help="Rademacher probes for the trace (0: skip)")
+    p.add_argument("--landscape-1d", type=int, help="points of the 1-D landscape (0: skip)")
+    p.add_argument("--landscape-2d", type=int, help="points per axis of the 2-D landscape (0: skip)")
+    p.add_argument("--span", type=float, help="landscape coordinates in [-span, span]")
+    p.add_argument("--seed", type=int, help="seed of the random directions")
     p.add_argument("--workers", type=int, default=1, help="shard over N local ranks (relaunches under torchrun)")
     p.set_defaults(func=cmd_flatness)
 
-    p = sub.add_parser("bench", help="step time, gradient bytes, memory and noise cost of S-SGD against SGD, in one run")
-    p.add_argument("--model", default="resnet20", help="a packaged model: mlp, cnn1d, resnet20, ... (default resnet20)")
-    p.add_argument("--batch-size", type=int, default=256, help="global batch, summed over ranks")
-    p.add_argument("--world-size", type=int, default=2, help="ranks it spawns: gloo on CPU, NCCL on GPU")
-    p.add_argument("--steps", type=int, default=20, help="timed steps per variant, interleaved")
-    p.add_argument("--warmup", type=int, default=3, help="untimed steps per variant first")
-    p.add_argument("--burst", type=int, help="consecutive steps per timed sample (default 8 on CUDA, 1 on CPU)")
-    p.add_argument("--device", default="cpu", choices=["cpu", "cuda", "auto"])
-    p.add_argument("--precision", default="fp32", choices=["fp32", "bf16", "fp16"])
-    p.add_argument("--threads", type=int, help="torch threads per rank (default: CPUs / ranks on CPU)")
-    p.add_argument("--variants", type=_csv(str), help="comma-separated subset (default all; sgd is always added)")
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--no-memory", action="store_true", help="skip the memory measurement")
-    p.add_argument("--json", metavar="PATH", help="write the report as JSON")
-    p.add_argument("--project", action="store_true", help="add a modelled projection of step time to 8..1024 GPUs")
-    p.add_argument("--bandwidth", type=float, help="projection: all-reduce bus bandwidth per GPU in GB/s (default 25)")
-    p.add_argument("--latency-us", type=float, help="projection: latency per all-reduce call in us (default 50)")
-    p.add_argument("--overlap", type=float, help="projection: share of all-reduce time hidden behind compute (default 0)")
+    p = sub.add_parser(
+        "bench", help="step time, gradient bytes, memory and noise cost of S-SGD against SGD, in one run"
+    )
+    # No defaults here: a flag left out stays None, and BenchOptions holds every default and help text.
+    from .config import BenchOptions
+
+    def bench_help(name: str, show_default: bool = False) -> str:
+        field = BenchOptions.model_fields[name]
+        shown = f"{field.default:g}" if isinstance(field.default, float) else field.default
+        return f"{field.description} (default {shown})" if show_default else field.description
+
+    p.add_argument("--model", help=bench_help("model", show_default=True))
+    p.add_argument("--batch-size", type=int, help=bench_help("batch_size"))
+    p.add_argument("--world-size", type=int, help=bench_help("world_size"))
+    p.add_argument("--steps", type=int, help=bench_help("steps"))
+    p.add_argument("--warmup", type=int, help=bench_help("warmup"))
+    p.add_argument("--burst", type=int, help=bench_help("burst"))
+    p.add_argument("--device", choices=BenchOptions.model_fields["device"].annotation.__args__)
+    p.add_argument("--precision", choices=BenchOptions.model_fields["precision"].annotation.__args__)
+    p.add_argument("--threads", type=int, help=bench_help("threads"))
+    p.add_argument("--variants", type=_csv(str), help=bench_help("variants"))
+    p.add_argument("--seed", type=int)
+    p.add_argument("--no-memory", dest="memory", action="store_false", default=None, help="skip the memory measurement")
+    p.add_argument("--json", dest="json_path", metavar="PATH", help=bench_help("json_path"))
+    p.add_argument("--project", action="store_true", default=None, help=bench_help("project"))
+    p.add_argument("--bandwidth", type=float, help=bench_help("bandwidth", show_default=True))
+    p.add_argument("--latency-us", type=float, help=bench_help("latency_us", show_default=True))
+    p.add_argument("--overlap", type=float, help=bench_help("overlap", show_default=True))
     p.set_defaults(func=cmd_bench)
 
     p = sub.add_parser("k8s", help="render a Kubernetes overlay with your image and a validated config (kubectl apply -f)")
@@ -221,7 +232,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def cmd_k8s(args: argparse.Namespace) -> int:
-    from .k8s import render
+    from .launchers.k8s import render
 
     manifests = render(args.overlay, image=args.image, config=args.config, overrides=args.set, k8s_dir=args.k8s_dir)
     if args.out:
@@ -233,9 +244,12 @@ def cmd_k8s(args: argparse.Namespace) -> int:
 
 
 def cmd_bench(args: argparse.Namespace) -> int:
+    """The flags given (argparse leaves the others None) over BenchOptions' defaults."""
     from .bench import main as bench_main
+    from .config import BenchOptions
 
-    return bench_main(args)
+    given = {k: v for k, v in vars(args).items() if k in BenchOptions.model_fields and v is not None}
+    return bench_main(BenchOptions.checked(**given))
 
 
 def main(argv: list[str] | None = None) -> int:

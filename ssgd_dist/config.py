@@ -257,3 +257,109 @@ def override(data: dict[str, Any], overrides: list[str] | None = None) -> Config
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+class BenchOptions(BaseModel):
+    """Every option of ``ssgd-dist bench`` with its default; the CLI's flags default to "not given", so
+    the defaults live here only. Frozen: the bench derives what depends on the machine into a copy."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    model: str = Field("resnet20", description="a packaged model: mlp, cnn1d, resnet20, ...")
+    batch_size: int = Field(256, description="global batch, summed over ranks")
+    world_size: int = Field(2, description="ranks it spawns: gloo on CPU, NCCL on GPU")
+    steps: int = Field(20, description="timed steps per variant, interleaved")
+    warmup: int = Field(3, description="untimed steps per variant first")
+    burst: int | None = Field(None, description="consecutive steps per timed sample (default 8 on CUDA, 1 on CPU)")
+    device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the ranks run; auto: CUDA if visible")
+    precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="the step's autocast precision")
+    threads: int | None = Field(None, description="torch threads per rank (default: CPUs / ranks on CPU)")
+    variants: list[str] | None = Field(None, description="comma-separated subset (default all; sgd is always added)")
+    seed: int = Field(0, description="seed of the initial weights and of the noise")
+    memory: bool = Field(True, description="measure each variant's memory by allocation (--no-memory skips it)")
+    json_path: str | None = Field(None, description="write the report as JSON")  # not `json`: BaseModel has one
+    project: bool = Field(False, description="add a modelled projection of step time to 8..1024 GPUs")
+    # The projection's cluster: a 200 Gb/s NIC per GPU; one DDP bucket per call at cluster scale; no
+    # all-reduce hidden behind the backward, the worst case.
+    bandwidth: float = Field(25.0, description="projection: all-reduce bus bandwidth per GPU in GB/s")
+    latency_us: float = Field(50.0, description="projection: latency per all-reduce call in us")
+    overlap: float = Field(0.0, description="projection: share of all-reduce time hidden behind compute")
+
+    @model_validator(mode="after")
+    def _check(self) -> BenchOptions:
+        """Checks that need neither torch nor the variant list (the bench makes those when it resolves)."""
+        if self.world_size < 1:
+            raise ValueError(f"--world-size {self.world_size}: must be at least 1")
+        if self.batch_size % (2 * self.world_size):
+            raise ValueError(
+                f"--batch-size {self.batch_size}: S-SGD 'halves' splits every rank's batch in two, so it must be a "
+                f"multiple of 2 x {self.world_size} ranks = {2 * self.world_size}"
+            )
+        models = ModelConfig.model_fields["name"].annotation.__args__
+        if self.model not in models:
+            raise ValueError(f"--model {self.model}: expected one of {', '.join(models)}")
+        if self.bandwidth <= 0 or self.latency_us < 0:
+            raise ValueError(
+                f"--bandwidth {self.bandwidth} / --latency-us {self.latency_us}: bandwidth > 0, latency >= 0"
+            )
+        if self.steps < 1 or self.warmup < 0:
+            raise ValueError(f"--steps {self.steps} / --warmup {self.warmup}: at least one timed step, warm-up >= 0")
+        if self.burst is not None and self.burst < 1:
+            raise ValueError(f"--burst {self.burst}: at least one step per timed sample")
+        if not 0.0 <= self.overlap <= 1.0:
+            raise ValueError(f"--overlap {self.overlap}: a fraction between 0 and 1")
+        return self
+
+    @classmethod
+    def checked(cls, **values: Any) -> BenchOptions:
+        """Validated options, a bad value raised as ``ConfigError`` (one line naming the flag: exit code 2)."""
+        try:
+            return cls(**values)
+        except ValidationError as exc:
+            lines = []
+            for err in exc.errors():
+                if err["type"] == "value_error":
+                    lines.append(err["msg"].removeprefix("Value error, "))
+                else:
+                    flag = "--" + str(err["loc"][0] if err["loc"] else "").replace("_", "-")
+                    lines.append(f"{flag} {err.get('input')!r}: {err['msg']}")
+            raise ConfigError("; ".join(lines)) from None
+
+
+class FlatnessOptions(BaseModel):
+    """What ``ssgd-dist flatness`` measures and how precisely: the one set of defaults behind its flags,
+    a sweep grid's ``flatness:`` mapping, and the ``options`` recorded in ``flatness.json``."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    samples: int = Field(2000, description="training examples (first N; 0: all), sharded over ranks")
+    batch_size: int = Field(1000, description="evaluation chunk per rank")
+    radii: tuple[float, ...] = Field((0.01, 0.02, 0.05, 0.1, 0.2), description="relative perturbation radii")
+    draws: int = Field(10, ge=1, description="symmetric +-n pairs per radius")
+    distribution: Literal["sphere", "rademacher", "gaussian", "uniform"] = Field(
+        "sphere", description="of the perturbation direction"
+    )
+    targets: Literal["weights", "all"] = Field("weights", description="perturbed tensors: weights (ndim >= 2) or all")
+    power_iters: int = Field(100, ge=0, description="power-iteration steps for the top eigenvalue (0: skip)")
+    power_tol: float = Field(1e-5, ge=0, description="relative change of the eigenvalue estimate that stops it")
+    hutchinson: int = Field(100, ge=0, description="Rademacher probes for the Hessian trace (0: skip)")
+    landscape_1d: int = Field(41, ge=0, description="points of the 1-D landscape in [-span, span] (0: skip)")
+    landscape_2d: int = Field(21, ge=0, description="points per axis of the 2-D landscape (0: skip)")
+    span: float = Field(1.0, description="landscape coordinates in [-span, span]")
+    seed: int = Field(0, description="seed of the random directions")
+
+    def to_dict(self) -> dict[str, Any]:
+        return self.model_dump(mode="json")
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any] | None) -> FlatnessOptions:
+        """Validated options from a mapping (a grid's ``flatness:``, the flags given); errors name the key."""
+        try:
+            return cls.model_validate(dict(data or {}))
+        except ValidationError as exc:
+            errors = exc.errors()
+            unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+            problems = [f"unknown option(s) {unknown}; known: {sorted(cls.model_fields)}"] if unknown else []
+            problems += [f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
+                         for e in errors if e["type"] != "extra_forbidden"]  # fmt: skip
+            raise ConfigError("flatness: " + "; ".join(problems)) from None

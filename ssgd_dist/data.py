@@ -183,11 +183,6 @@ class GlobalBatches:
                 f"data.batch_size = {global_batch}: larger than the {num_examples} training examples; "
                 "lower data.batch_size or use more data"
             )
-        if global_batch % world_size:
-            raise ConfigError(
-                f"data.batch_size = {global_batch}: not divisible by the {world_size} ranks; "
-                f"use a multiple of {world_size}"
-            )
         self.num_examples = num_examples
         self.global_batch = global_batch
         self.local_batch = global_batch // world_size

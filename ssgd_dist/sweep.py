@@ -30,13 +30,10 @@ not repeated, and a half-finished run resumes from its checkpoint.
 from __future__ import annotations
 
 import copy
-import dataclasses
 import fnmatch
 import itertools
 import json
-import os
 import re
-import sys
 import time
 import traceback
 from dataclasses import dataclass, field
@@ -46,9 +43,9 @@ from typing import Any
 
 import yaml
 
-from .config import Config, read_config_yaml, apply_override, dump_config, parse_yaml_mapping, validate
+from .analysis.flatness_run import flatness_path
+from .config import Config, FlatnessOptions, apply_override, dump_config, parse_yaml_mapping, read_config_yaml, validate
 from .errors import EXIT_NONFINITE, ConfigError, NonFiniteError
-from .flatness import FlatnessOptions, flatness_path
 
 GRID_KEYS = {"name", "base", "set", "methods", "batch_sizes", "batch_set", "seeds", "vary", "flatness", "blocks", "description"}
 BLOCK_KEYS = {"set", "methods", "batch_sizes", "batch_set", "seeds", "vary"}
@@ -87,7 +84,7 @@ class Grid:
         if self.flatness is None or (self.flatness_seeds is not None and cell.seed not in self.flatness_seeds):
             return None
         if self.landscape_2d_seeds is not None and cell.seed not in self.landscape_2d_seeds:
-            return dataclasses.replace(self.flatness, landscape_2d=0)
+            return self.flatness.model_copy(update={"landscape_2d": 0})
         return self.flatness
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
@@ -252,7 +249,7 @@ def load_grid(
     land_seeds = flat.pop("landscape_2d_seeds", None) if flat is not None else None
     try:
         opts = None if flat is None else FlatnessOptions.from_dict(flat)
-    except (TypeError, ValueError) as exc:
+    except ConfigError as exc:
         raise ConfigError(f"sweep {source}: {exc}") from None
     return Grid(name, selected, opts, source=source, description=str(data.get("description") or ""),
                 flatness_seeds=flat_seeds, landscape_2d_seeds=land_seeds)  # fmt: skip
@@ -330,7 +327,7 @@ def _train_cell(cell: Cell, run_dir: Path, workers: int, config_dir: Path) -> st
 
 
 def _measure_cell(run_dir: Path, opts: FlatnessOptions) -> None:
-    from .flatness import measure_run
+    from .analysis.flatness_run import measure_run
 
     if flatness_path(run_dir).exists() or not (Path(run_dir) / "checkpoints").is_dir():
         return
@@ -376,46 +373,6 @@ def run_local(grid: Grid, out: Path, workers: int = 1, flatness: bool = True, lo
 
 
 # -- Ray execution -----------------------------------------------------------------------------------
-def _ray_train_fn(config: dict[str, Any]) -> dict[str, Any]:
-    """Runs on every Ray Train worker: the ordinary training loop, checkpoints reported to Ray."""
-    import shutil
-    import tempfile
-
-    import ray.train
-
-    from .metrics import scalars
-    from .train import train
-
-    cfg = validate(config["cfg"])
-    run_dir = Path(config["run_dir"])
-    resume_from = None
-    checkpoint = ray.train.get_checkpoint()
-    if checkpoint is not None:  # a restart whose run directory is not shared: resume from Ray's copy
-        local = Path(tempfile.mkdtemp(prefix="ssgd-resume-"))
-        with checkpoint.as_directory() as d:
-            shutil.copy(Path(d) / "checkpoint.pt", local / "checkpoint.pt")
-        resume_from = local / "checkpoint.pt"
-
-    def report(metrics: dict[str, Any], path: Path | None) -> None:
-        numeric = scalars(metrics)
-        if path is None:
-            ray.train.report(numeric)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            shutil.copy(path, Path(tmp) / "checkpoint.pt")
-            ray.train.report(numeric, checkpoint=ray.train.Checkpoint.from_directory(tmp))
-
-    try:
-        summary = train(cfg, run_dir, on_checkpoint=report, resume_from=resume_from)
-    except NonFiniteError as exc:
-        return {"status": "diverged", "error": str(exc)}
-    if config.get("flatness") is not None and not flatness_path(run_dir).exists():
-        from .flatness import measure_run
-
-        measure_run(run_dir, FlatnessOptions.from_dict(config["flatness"]))  # sharded over the same workers
-    return {"status": "done", **summary}
-
-
 def run_ray(
     grid: Grid,
     out: Path,
@@ -434,16 +391,14 @@ def run_ray(
 
     try:
         import ray
-        from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
-        from ray.train.torch import TorchTrainer
+
+        from .launchers.ray import RunLocation, build_trainer, connect
     except ImportError:
         raise ConfigError("sweep --ray: Ray Train is not installed; pip install 'ssgd-dist[ray]'") from None
 
     log = log or _print
     out = Path(out).resolve()
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    if not ray.is_initialized():
-        ray.init(address=None if address == "local" else address, log_to_driver=False)
+    connect(None if address == "local" else address, log_to_driver=False)
     statuses: dict[str, str] = {}
     pending = []
     for cell in grid.cells:
@@ -462,17 +417,9 @@ def run_ray(
         run_dir = out / cell.name
         _write_info(run_dir, cell.info(grid.name))
         opts = grid.flatness_for(cell) if flatness else None
-        trainer = TorchTrainer(
-            _ray_train_fn,
-            train_loop_config={"cfg": cell.cfg.to_dict(), "run_dir": str(run_dir), "flatness": opts.to_dict() if opts else None},
-            scaling_config=ScalingConfig(num_workers=workers, use_gpu=use_gpu),
-            run_config=RunConfig(
-                name=_slug(f"{grid.name}-{cell.name}"),
-                storage_path=storage,
-                failure_config=FailureConfig(max_failures=max_failures),
-                checkpoint_config=CheckpointConfig(num_to_keep=1),
-            ),
-        )
+        where = RunLocation(_slug(f"{grid.name}-{cell.name}"), storage, str(run_dir))
+        trainer = build_trainer(cell.cfg, where, num_workers=workers, use_gpu=use_gpu, max_failures=max_failures,
+                                num_to_keep=1, flatness=opts, diverged_as_status=True)  # fmt: skip
         start = time.perf_counter()
         try:
             result = trainer.fit()
@@ -511,7 +458,7 @@ def run_sweep(
     report_path = None
     finished = [out / c.name for c in grid.cells if statuses.get(c.name) in ("done", "diverged")]
     if report and finished:
-        from .report import write_report
+        from .analysis.report import write_report
 
         report_path = write_report(finished, out / "report", title=f"{grid.name}")
     return statuses, report_path
@@ -522,9 +469,3 @@ def describe(grid: Grid, out: Path) -> str:
     for cell in grid.cells:
         lines.append(f"  {cell.name:40s} {run_status(Path(out) / cell.name, cell.cfg):9s} steps={planned_steps(cell.cfg)}")
     return "\n".join(lines)
-
-
-if __name__ == "__main__":  # pragma: no cover
-    from .cli import main
-
-    sys.exit(main(["sweep", *sys.argv[1:]]))

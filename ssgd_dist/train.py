@@ -24,7 +24,7 @@ import yaml
 from tqdm import tqdm
 
 from . import distributed
-from .backends import build_backend
+from .backends import build_backend, check_launch
 from .bn import recalibrate_bn
 from .checkpoint import load_checkpoint_file, load_latest, save_checkpoint
 from .config import Config, dump_config
@@ -48,21 +48,6 @@ RESUMABLE_DIFFERENCES = {
 
 # Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
 CheckpointHook = Callable[[dict[str, Any], "Path | None"], None]
-
-
-def check_launch(cfg: Config, world_size: int) -> None:
-    """Constraints that depend on the number of ranks; checked before anything is written."""
-    b = cfg.data.batch_size
-    if cfg.method == "ssgd" and cfg.ssgd.batch_split == "halves" and b % (2 * world_size):
-        raise ConfigError(
-            f"data.batch_size = {b}: 'halves' needs every rank's batch to split in two, so a multiple of "
-            f"2 x {world_size} ranks = {2 * world_size}"
-        )
-    if cfg.method == "ssgd" and cfg.ssgd.batch_split == "paired" and (world_size < 2 or world_size % 2):
-        raise ConfigError(
-            f"ssgd.batch_split = paired: needs an even number of ranks (w+n on even ranks, w-n on odd), "
-            f"got {world_size}; use 'halves' or launch an even number of ranks"
-        )
 
 
 def _config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:

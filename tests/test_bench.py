@@ -8,9 +8,10 @@ import pytest
 import torch
 from torch import nn
 
-from ssgd_dist.bench import AllocationTracker, project_step, projection, ring_allreduce_seconds
-from ssgd_dist.cli import main
 from ssgd_dist import noise
+from ssgd_dist.bench.memory import AllocationTracker
+from ssgd_dist.bench.projection import project_step, projection, ring_allreduce_seconds
+from ssgd_dist.cli import main
 from ssgd_dist.noise import Perturber, draw_noise, noise_generator
 
 RESULT_FIELDS = {

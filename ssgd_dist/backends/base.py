@@ -9,13 +9,13 @@ algorithm.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
 from dataclasses import dataclass
 
 import torch
 from torch import nn
 
 from ..bn import bn_restore, bn_snapshot, frozen_bn_stats
+from ..config import Config
 from ..methods import Method, select_part
 
 
@@ -51,6 +51,20 @@ class Backend:
         device_type = next(model.parameters()).device.type
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
+
+    @classmethod
+    def check_config(cls, cfg: Config, method: type[Method]) -> None:
+        """Refuse (``ConfigError``) what this backend cannot run; called by ``backends.check_launch``."""
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> "Backend":
+        return cls(
+            model,
+            optimizer,
+            precision=cfg.train.precision,
+            clip_grad_norm=cfg.optim.clip_grad_norm,
+            on_nonfinite=cfg.train.on_nonfinite,
+        )
 
     # -- hooks a distributed backend overrides -------------------------------------------------
     @property

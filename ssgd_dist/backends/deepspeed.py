@@ -24,9 +24,9 @@ bit. The fp32 master weights live in DeepSpeed's optimizer and are never perturb
 
 ZeRO-3 partitions the parameters themselves (``p.data`` is an empty placeholder outside forward), so
 the noise would have to be applied shard by shard; that is not implemented: ``zero_stage: 3`` is
-refused with a configuration error (exit code 2). ``method: sam`` is refused too: its first pass
-needs this rank's *unreduced* gradient in ``p.grad``, which DeepSpeed's ZeRO and bf16 optimizers move
-into their own buffers.
+refused with a configuration error (exit code 2). A method that ``needs_local_gradient`` (SAM) is
+refused too: it reads this rank's *unreduced* gradient in ``p.grad``, which DeepSpeed's ZeRO and
+bf16 optimizers move into their own buffers.
 
 DeepSpeed counts micro-steps and samples its own way (the boundary trick makes it count twice);
 the trainer's own step counter is the one that matters, and nothing here reads DeepSpeed's.
@@ -53,6 +53,7 @@ from torch import nn
 
 from ..config import Config
 from ..errors import ConfigError, NonFiniteError
+from ..methods import Method, method_class
 from .base import Backend, StepResult
 
 SUPPORTED_STAGES = (0, 1, 2)
@@ -66,14 +67,6 @@ OWNED_KEYS = {
     "scheduler": "optim.schedule (the trainer sets the LR at every step)",
     "gradient_clipping": "optim.clip_grad_norm",
 }
-
-
-def num_passes(cfg: Config) -> int:
-    if cfg.method == "ssgd" and cfg.ssgd.batch_split in ("halves", "full"):
-        return 2
-    if cfg.method == "sam":
-        return 2
-    return 1
 
 
 def default_sync_mode(zero_stage: int) -> str:
@@ -95,7 +88,7 @@ def _enabled(section: Any) -> bool:
     return isinstance(section, dict) and bool(section.get("enabled", False))
 
 
-def check_deepspeed_config(cfg: Config) -> None:
+def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
     """Everything the DeepSpeed path refuses, as one-line errors naming the key and the fix."""
     ds = cfg.deepspeed
     extra = ds.extra or {}
@@ -114,10 +107,10 @@ def check_deepspeed_config(cfg: Config) -> None:
     for key, owner in OWNED_KEYS.items():
         if key in extra:
             raise ConfigError(f"deepspeed.extra.{key}: set by the backend from {owner}; remove it from deepspeed.extra")
-    if cfg.method == "sam":
+    if method.needs_local_gradient:
         raise ConfigError(
-            "method = sam with backend = deepspeed: SAM's first pass needs this rank's unreduced gradient in p.grad, "
-            "which DeepSpeed's ZeRO/bf16 optimizers move into their own buffers; use backend=ddp for sam"
+            f"method = {cfg.method} with backend = deepspeed: its second pass needs this rank's unreduced gradient "
+            f"in p.grad, which DeepSpeed's ZeRO/bf16 optimizers move into their own buffers; use backend=ddp"
         )
     if cfg.train.precision == "fp16" or _enabled(extra.get("fp16")):
         raise ConfigError(
@@ -134,7 +127,7 @@ def uses_bf16(cfg: Config) -> bool:
 
 def build_ds_config(cfg: Config, world_size: int, sync_mode: str, clip_in_engine: bool) -> dict[str, Any]:
     """The DeepSpeed config: batch bookkeeping, ZeRO stage, precision; then ``deepspeed.extra`` on top."""
-    passes = num_passes(cfg)
+    passes = len(method_class(cfg).plan(cfg))
     gas = passes if sync_mode == "boundary" else 1
     local = max(1, cfg.data.batch_size // max(1, world_size))
     micro = max(1, local // gas)
@@ -171,6 +164,12 @@ def _import_deepspeed(device: torch.device):
 class DeepSpeedBackend(Backend):
     """S-SGD on a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16), one gradient reduction per step."""
 
+    check_config = staticmethod(check_deepspeed_config)
+
+    @classmethod
+    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> "DeepSpeedBackend":
+        return cls(cfg, model, optimizer, clip_grad_norm=cfg.optim.clip_grad_norm, on_nonfinite=cfg.train.on_nonfinite)
+
     def __init__(
         self,
         cfg: Config,
@@ -181,7 +180,6 @@ class DeepSpeedBackend(Backend):
         on_nonfinite: str = "stop",
         sync_mode: str | None = None,
     ):
-        check_deepspeed_config(cfg)
         self.bf16 = uses_bf16(cfg)
         # The base class must not build a GradScaler: DeepSpeed owns mixed precision here.
         super().__init__(model, optimizer, precision="fp32", clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite)

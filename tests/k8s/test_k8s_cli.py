@@ -10,7 +10,7 @@ from k8s_checks import OVERLAYS
 from ssgd_dist.cli import main
 from ssgd_dist.config import validate
 from ssgd_dist.errors import ConfigError
-from ssgd_dist.k8s import split_image
+from ssgd_dist.launchers.k8s import split_image
 
 IMAGE = "registry.internal:5000/team/ssgd-dist:1.2.3"
 DIGEST = "sha256:" + "ab" * 32

@@ -6,7 +6,6 @@ Ray must only change who starts the processes, never what they compute.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import subprocess
@@ -136,14 +135,6 @@ def test_submit_without_token_is_refused(ray_cluster, tmp_path):
     assert not any("should never run" in job.get("entrypoint", "") for job in json.loads(body))
 
 
-@pytest.fixture(scope="module")
-def ray_job_module():
-    spec = importlib.util.spec_from_file_location("ssgd_ray_job", REPO / "launch" / "ray_job.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -154,16 +145,20 @@ def ray_job_module():
         (["--name", "a/b"], "--name a/b"),
     ],
 )
-def test_bad_launch_exits_2_before_starting_ray(ray_job_module, capsys, args, message):
+def test_bad_launch_exits_2_before_starting_ray(capsys, args, message):
     """Mistakes are reported on one line with exit code 2, before any cluster is contacted."""
-    assert ray_job_module.main(["--config", "quickstart", "--num-workers", "2", *args]) == 2
+    from ssgd_dist.launchers.ray_job import main
+
+    assert main(["--config", "quickstart", "--num-workers", "2", *args]) == 2
     lines = capsys.readouterr().err.strip().splitlines()
     assert len(lines) == 1 and message in lines[0], lines
 
 
-def test_resume_prefers_the_newest_loadable_snapshot(ray_job_module, tmp_path):
+def test_resume_prefers_the_newest_loadable_snapshot(tmp_path):
     """After a restart every rank picks the same fallback: the highest step that loads, ties to the first."""
     import torch
+
+    from ssgd_dist.launchers.ray import choose_snapshot as choose
 
     def snapshot(name: str, step: int | None) -> Path:
         path = tmp_path / name / "checkpoints" / "last.pt"
@@ -175,7 +170,6 @@ def test_resume_prefers_the_newest_loadable_snapshot(ray_job_module, tmp_path):
         return tmp_path / name
 
     ray_ckpt, storage, broken = snapshot("ray", 4), snapshot("storage", 6), snapshot("broken", None)
-    choose = ray_job_module.choose_snapshot
     assert choose([("Ray checkpoint", ray_ckpt), ("storage", storage)])[1:] == (storage, 6)
     assert choose([("Ray checkpoint", ray_ckpt), ("broken", broken)])[1:] == (ray_ckpt, 4)
     assert choose([("a", ray_ckpt), ("b", snapshot("same", 4))])[0] == "a"

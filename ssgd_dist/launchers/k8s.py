@@ -22,8 +22,8 @@ from typing import Any
 
 import yaml
 
-from .config import dump_config, override, read_config_yaml
-from .errors import ConfigError
+from ..config import dump_config, override, read_config_yaml
+from ..errors import ConfigError
 
 CONFIG_MAP = "ssgd-config"
 CONFIG_KEY = "config.yaml"
@@ -31,7 +31,7 @@ CONFIG_KEY = "config.yaml"
 
 def default_k8s_dir() -> Path:
     """The manifests beside the package: a clone, or an editable install of one."""
-    return Path(__file__).resolve().parents[1] / "k8s"
+    return Path(__file__).resolve().parents[2] / "k8s"
 
 
 def overlays(k8s_dir: Path) -> list[str]:

@@ -1,4 +1,4 @@
-"""Comparison tables (markdown) and plots (PNG) from run directories.
+"""Comparison tables (markdown) and a summary (JSON) from run directories; the figures are ``plots``.
 
 ``write_report(run_dirs, out)`` writes ``out/report.md`` and ``out/summary.json`` with, per method and
 batch size, the test accuracy over seeds (mean +- sample std), the difference to small-batch SGD, the
@@ -20,10 +20,16 @@ from typing import Any
 
 import yaml
 
-from .metrics import read_metrics
-from .plots import label_axes, pyplot as _plt, save_figure
+from ..metrics import read_metrics
+from .plots import (
+    label_key,
+    plot_accuracy_vs_batch,
+    plot_landscapes,
+    plot_learning_curves,
+    plot_perturbation_curves,
+    plot_sharpness_vs_accuracy,
+)
 
-METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam"]
 NA = "—"
 
 
@@ -100,9 +106,8 @@ def collect_run_dirs(paths: list[Path | str]) -> list[Path]:
         if (p / "config.yaml").is_file():
             found.append(p)
         elif p.is_dir():
-            found += sorted(
-                c.parent for c in p.rglob("config.yaml") if not any(part.startswith(".") for part in c.relative_to(p).parts)
-            )
+            parents = [c.parent for c in p.rglob("config.yaml")]
+            found += sorted(d for d in parents if not any(part.startswith(".") for part in d.relative_to(p).parts))
     seen, unique = set(), []
     for d in found:
         if d.resolve() not in seen:
@@ -113,11 +118,6 @@ def collect_run_dirs(paths: list[Path | str]) -> list[Path]:
 
 def _mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
-def _label_key(label: str) -> tuple[int, str]:
-    base = label.split()[0].split("-")[0]
-    return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
 def _fmt(x: float | None, spec: str = ".3g") -> str:
@@ -197,7 +197,7 @@ def cell_stats(runs: list[RunSummary], radius: float | None = None) -> list[Cell
             if diffs:
                 c.paired_gain, c.paired_gain_std = _mean_std(diffs)
                 c.paired_positive, c.paired_count = sum(d > 0 for d in diffs), len(diffs)
-    cells.sort(key=lambda c: (c.batch_size, _label_key(c.label)))
+    cells.sort(key=lambda c: (c.batch_size, label_key(c.label)))
     return cells
 
 
@@ -228,189 +228,16 @@ def comparison_table(runs: list[RunSummary], radius: float | None = None) -> str
 
 
 def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
-    head = ["method", "batch", "seed", "test acc (%)", "final train loss", "λ_max", "tr(H)", f"ΔL (r={radius:g})" if radius else "ΔL", "run"]
+    head = ["method", "batch", "seed", "test acc (%)", "final train loss", "λ_max", "tr(H)",
+            f"ΔL (r={radius:g})" if radius else "ΔL", "run"]  # fmt: skip
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
-    for r in sorted(runs, key=lambda r: (r.batch_size, _label_key(r.label), r.seed)):
+    for r in sorted(runs, key=lambda r: (r.batch_size, label_key(r.label), r.seed)):
         acc = "diverged" if r.diverged else _fmt(100 * r.test_acc if r.test_acc is not None else None, ".2f")
-        lines.append(
-            "| " + " | ".join([r.label, str(r.batch_size), str(r.seed), acc, _fmt(r.train_loss, ".4f"), _fmt(r.top_eigenvalue),
-                               _fmt(r.hessian_trace), _fmt(r.loss_increase(radius) if radius else None), f"`{r.run_dir.name}`"]) + " |"
-        )  # fmt: skip
+        row = [r.label, str(r.batch_size), str(r.seed), acc, _fmt(r.train_loss, ".4f"), _fmt(r.top_eigenvalue),
+               _fmt(r.hessian_trace), _fmt(r.loss_increase(radius) if radius else None),
+               f"`{r.run_dir.name}`"]  # fmt: skip
+        lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
-
-
-# -- plots -------------------------------------------------------------------------------------------
-def _log_axis(axis) -> None:
-    """A log axis labelled at 1, 2, 5 x 10^k in plain numbers (no overlapping minor labels)."""
-    from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
-
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
-    axis.set_major_formatter(FormatStrFormatter("%g"))
-    axis.set_minor_formatter(NullFormatter())
-
-
-def _colors(labels: list[str]) -> dict[str, Any]:
-    plt = _plt()
-    cmap = plt.get_cmap("tab10")
-    return {label: cmap(i % 10) for i, label in enumerate(sorted(set(labels), key=_label_key))}
-
-
-def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") -> None:
-    """The paper's central picture: test accuracy (mean +- std over seeds) against the batch size."""
-    plt = _plt()
-    colors = _colors([c.label for c in cells])
-    fig, ax = plt.subplots(figsize=(6.4, 4.4))
-    by_label: dict[str, list[CellStats]] = defaultdict(list)
-    for c in cells:
-        if c.mean is not None:
-            by_label[c.label].append(c)
-    for label in sorted(by_label, key=_label_key):
-        cs = sorted(by_label[label], key=lambda c: c.batch_size)
-        ax.errorbar([c.batch_size for c in cs], [c.mean for c in cs], yerr=[c.std for c in cs], marker="o", capsize=4,
-                    color=colors[label], label=label)  # fmt: skip
-    ax.set_xscale("log", base=2)
-    batches = sorted({c.batch_size for c in cells})
-    ax.set_xticks(batches)
-    ax.set_xticklabels([str(b) for b in batches])
-    label_axes(ax, title or "Test accuracy vs batch size (mean ± std over seeds)", "global batch size (samples, log scale)", "final test accuracy (%)")
-    save_figure(fig, path, dpi=120)
-
-
-def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
-    """Test accuracy during training, mean over seeds (band: +- std), one panel per batch size."""
-    import numpy as np
-
-    plt = _plt()
-    colors = _colors([r.label for r in runs])
-    batches = sorted({r.batch_size for r in runs})
-    fig, axes = plt.subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
-    for ax, batch in zip(axes[0], batches):
-        groups: dict[str, list[RunSummary]] = defaultdict(list)
-        for r in runs:
-            if r.batch_size == batch and r.curve and not r.diverged:
-                groups[r.label].append(r)
-        for label in sorted(groups, key=_label_key):
-            curves = groups[label]
-            n = min(len(r.curve) for r in curves)
-            epochs = [e for e, _ in curves[0].curve[:n]]
-            accs = np.array([[100 * a for _, a in r.curve[:n]] for r in curves])
-            mean = accs.mean(0)
-            ax.plot(epochs, mean, color=colors[label], label=_seeds_label(label, len(curves)))
-            if len(curves) > 1:
-                std = accs.std(0, ddof=1)
-                ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
-        label_axes(ax, f"Test accuracy during training, batch {batch}", "epoch", "test accuracy (%)")
-    save_figure(fig, path, dpi=110)
-
-
-def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, path: Path) -> None:
-    """Every run as a point: sharpness (x, log) against test accuracy (y); colour: method, marker: batch."""
-    plt = _plt()
-    measured = [r for r in runs if r.flatness and r.test_acc is not None]
-    colors = _colors([r.label for r in measured])
-    markers = dict(zip(sorted({r.batch_size for r in measured}), "osD^vP*X"))
-    panels = [("top Hessian eigenvalue λ_max", "Top Hessian eigenvalue", lambda r: r.top_eigenvalue)]
-    if radius is not None:
-        panels.append((f"loss increase under random perturbation, r = {radius:g}", "Random-perturbation sharpness", lambda r: r.loss_increase(radius)))
-    panels.append(("Hessian trace (Hutchinson)", "Hessian trace", lambda r: r.hessian_trace))
-    fig, axes = plt.subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.2, 4.4), squeeze=False, layout="constrained")
-    for ax, (name, short, get) in zip(axes[0], panels):
-        for label in sorted({r.label for r in measured}, key=_label_key):
-            for batch, marker in markers.items():
-                pts = [(get(r), 100 * r.test_acc) for r in measured if r.label == label and r.batch_size == batch and get(r) is not None and get(r) > 0]
-                if pts:
-                    xs, ys = zip(*pts)
-                    ax.scatter(xs, ys, color=colors[label], marker=marker, label=f"{label}, batch {batch}", alpha=0.8)
-        ax.set_xscale("log")
-        _log_axis(ax.xaxis)
-        ax.set_xlabel(f"{name} (log scale)")
-        ax.set_ylabel("final test accuracy (%)")
-        ax.set_title(f"{short} vs test accuracy", fontsize=10)
-        ax.grid(alpha=0.3, which="both")
-    handles, labels = axes[0][0].get_legend_handles_labels()
-    if handles:
-        fig.legend(handles, labels, fontsize=8, loc="outside right center", title="method, batch (one point per run)", title_fontsize=8)
-    fig.suptitle("Flatter solutions (left in each panel) against test accuracy")
-    save_figure(fig, path, dpi=110, tight=False)
-
-
-def _seeds_label(label: str, n: int) -> str:
-    return f"{label} ({n} seed{'s' if n > 1 else ''})"
-
-
-def _batch_panels(runs: list[RunSummary]):
-    """One panel per batch size, side by side; yields (ax, the runs of that batch grouped by method label)."""
-    batches = sorted({r.batch_size for r in runs})
-    fig, axes = _plt().subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
-
-    def panels():
-        for ax, batch in zip(axes[0], batches):
-            groups: dict[str, list[RunSummary]] = defaultdict(list)
-            for r in runs:
-                if r.batch_size == batch:
-                    groups[r.label].append(r)
-            yield ax, batch, {label: groups[label] for label in sorted(groups, key=_label_key)}
-
-    return fig, panels()
-
-
-def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
-    import numpy as np
-
-    measured = [r for r in runs if r.flatness and r.flatness.get("perturbation")]
-    colors = _colors([r.label for r in measured])
-    fig, panels = _batch_panels(measured)
-    for ax, batch, groups in panels:
-        for label, group in groups.items():
-            rows = [r.flatness["perturbation"] for r in group]
-            radii = [row["radius"] for row in rows[0]]
-            values = np.array([[row["loss_increase"] for row in rs[: len(radii)]] for rs in rows if len(rs) >= len(radii)])
-            mean = np.clip(values.mean(0), 1e-8, None)
-            ax.plot(radii, mean, marker="o", color=colors[label], label=_seeds_label(label, len(values)))
-            if len(values) > 1:
-                std = values.std(0, ddof=1)
-                ax.fill_between(radii, np.clip(mean - std, 1e-8, None), mean + std, color=colors[label], alpha=0.15)
-        ax.set_xscale("log")
-        ax.set_yscale("log")
-        _log_axis(ax.xaxis)
-        label_axes(ax, f"Loss increase under random weight noise, batch {batch}", "relative radius r (||n_i|| = r ||w_i||, log scale)", "E[L(w+n)] - L(w), training loss (log scale)", title_size=10, log_grid=True)
-    save_figure(fig, path, dpi=110)
-
-
-def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
-    """1-D: mean curve over seeds per method, one panel per batch size; 2-D: the lowest seed's map."""
-    import numpy as np
-
-    from .flatness import plot_landscape_2d
-
-    written = []
-    one_d = [r for r in runs if r.flatness and "landscape_1d" in r.flatness]
-    if one_d:
-        colors = _colors([r.label for r in one_d])
-        fig, panels = _batch_panels(one_d)
-        for ax, batch, groups in panels:
-            for label, group in groups.items():
-                lands = [r.flatness["landscape_1d"] for r in group]
-                alphas = lands[0]["alphas"]
-                losses = np.array([land["loss"] for land in lands if len(land["loss"]) == len(alphas)])
-                ax.plot(alphas, losses.mean(0), color=colors[label], label=_seeds_label(label, len(losses)))
-            ax.set_yscale("log")
-            label_axes(ax, f"1-D loss landscape (Li et al. 2018), batch {batch}", "alpha along a filter-normalised random direction", "training loss (log scale), mean over seeds", title_size=10, log_grid=True)
-        save_figure(fig, out / "landscape_1d.png", dpi=110)
-        written.append("landscape_1d.png")
-    two_d = [r for r in runs if r.flatness and "landscape_2d" in r.flatness]
-    if two_d:
-        panels, per_batch = {}, []
-        for batch in sorted({r.batch_size for r in two_d}):
-            labels = sorted({r.label for r in two_d if r.batch_size == batch}, key=_label_key)
-            per_batch.append(len(labels))
-            for label in labels:
-                first = min((r for r in two_d if r.label == label and r.batch_size == batch), key=lambda r: r.seed)
-                panels[f"{label}, batch {batch} (seed {first.seed})"] = first.flatness["landscape_2d"]
-        title = "2-D loss landscapes (filter-normalised directions, shared colour scale)"
-        plot_landscape_2d(panels, out / "landscape_2d.png", title, cols=max(per_batch))
-        written.append("landscape_2d.png")
-    return written
 
 
 # -- the report --------------------------------------------------------------------------------------
@@ -462,8 +289,9 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radi
     (out / "report.md").write_text("\n".join(text) + "\n")
     summary = {"radius": radius, "reference": ref, "cells": [c.to_dict() for c in cells],
                "runs": [{"run_dir": str(r.run_dir), "label": r.label, "method": r.method, "batch_size": r.batch_size,
-                         "seed": r.seed, "test_acc": r.test_acc, "diverged": r.diverged, "top_eigenvalue": r.top_eigenvalue,
-                         "hessian_trace": r.hessian_trace, "loss_increase": r.loss_increase(radius) if radius else None}
+                         "seed": r.seed, "test_acc": r.test_acc, "diverged": r.diverged,
+                         "top_eigenvalue": r.top_eigenvalue, "hessian_trace": r.hessian_trace,
+                         "loss_increase": r.loss_increase(radius) if radius else None}
                         for r in runs]}  # fmt: skip
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return out / "report.md"

@@ -1,0 +1,116 @@
+"""Flatness of a run directory: load its checkpoint, measure, write ``flatness/flatness.json`` and figures.
+
+Separate from the measures so that these stay usable on any model and samples, and so that the file
+layout (which ``report`` and ``sweep`` read) is defined once.
+
+Usage: ``ssgd-dist flatness RUN_DIR`` (add ``--workers N``, or launch under torchrun, to shard).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from .. import distributed
+from ..checkpoint import load_checkpoint_file, load_latest
+from ..config import FlatnessOptions, load_config
+from ..data import load_dataset
+from ..errors import ConfigError
+from ..models import build_model
+from ..seeding import seed_initial_weights
+from .flatness import measure
+from .plots import plot_landscape_1d, plot_landscape_2d, plot_perturbation
+
+FLATNESS_DIR = "flatness"
+FLATNESS_FILE = "flatness.json"
+
+
+def flatness_path(run_dir: Path) -> Path:
+    return Path(run_dir) / FLATNESS_DIR / FLATNESS_FILE
+
+
+def measure_run(
+    run_dir: Path, opts: FlatnessOptions | None = None, checkpoint: Path | None = None, out: Path | None = None
+) -> dict[str, Any]:
+    """Measure a run's final (or a given) checkpoint; rank 0 writes ``flatness.json`` and PNGs to ``out``.
+
+    Joins the process group when launched by torchrun or Ray (each rank then takes a shard of the
+    samples); otherwise runs alone.
+    """
+    run_dir = Path(run_dir)
+    opts = opts or FlatnessOptions()
+    if not (run_dir / "config.yaml").is_file():
+        raise ConfigError(f"flatness: {run_dir} is not a run directory (no config.yaml)")
+    cfg = load_config(str(run_dir / "config.yaml"))
+    if cfg.train.num_threads:
+        torch.set_num_threads(cfg.train.num_threads)
+    ctx = distributed.setup(cfg.device)
+    try:
+        if checkpoint is not None:
+            if not Path(checkpoint).is_file():
+                raise ConfigError(f"flatness --checkpoint {checkpoint}: no such file")
+            state, ckpt_path = load_checkpoint_file(Path(checkpoint), map_location=ctx.device), Path(checkpoint)
+        else:
+            found = load_latest(run_dir, map_location=ctx.device)
+            if found is None:
+                raise ConfigError(
+                    f"flatness: {run_dir} has no checkpoint yet (train it first, or pass --checkpoint FILE)"
+                )
+            state, ckpt_path = found
+        data = load_dataset(cfg.data)
+        seed_initial_weights(cfg.seed)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
+        model.load_state_dict(state["model"])
+        n = len(data.y_train) if opts.samples <= 0 else min(opts.samples, len(data.y_train))
+        shard = slice(ctx.rank, None, ctx.world_size)
+        result = measure(model, data.x_train[:n][shard], data.y_train[:n][shard], opts)
+        result.update(
+            run_dir=str(run_dir), checkpoint=str(ckpt_path), step=int(state.get("step", -1)), world_size=ctx.world_size
+        )
+        if ctx.is_main:
+            write_outputs(result, Path(out) if out else run_dir / FLATNESS_DIR, title=run_dir.name)
+        distributed.barrier()
+        return result
+    finally:
+        distributed.teardown(ctx)
+
+
+def write_outputs(result: dict[str, Any], out: Path, title: str = "") -> Path:
+    """``flatness.json`` (replaced atomically: a sweep treats its presence as "measured") and the figures."""
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = out / f".{FLATNESS_FILE}.tmp{os.getpid()}"
+    tmp.write_text(json.dumps(result, indent=1) + "\n")
+    os.replace(tmp, out / FLATNESS_FILE)
+    label = title or "run"
+    if result.get("perturbation"):
+        plot_perturbation(
+            {label: result["perturbation"]}, out / "perturbation.png", f"Random-perturbation sharpness: {title}"
+        )
+    if "landscape_1d" in result:
+        plot_landscape_1d({label: result["landscape_1d"]}, out / "landscape_1d.png", f"1-D loss landscape: {title}")
+    if "landscape_2d" in result:
+        plot_landscape_2d({label: result["landscape_2d"]}, out / "landscape_2d.png", f"2-D loss landscape: {title}")
+    return out / FLATNESS_FILE
+
+
+def summary_line(result: dict[str, Any]) -> str:
+    h = result.get("hessian", {})
+    parts = [f"loss={result['loss']:.4g}"]
+    if result.get("acc") is not None:
+        parts.append(f"acc={result['acc']:.4f}")
+    if "top_eigenvalue" in h:
+        parts.append(f"lambda_max={h['top_eigenvalue']:.4g}")
+    if "trace" in h:
+        parts.append(f"trace={h['trace']:.4g}+-{h['trace_stderr']:.2g}")
+    for row in result.get("perturbation", []):
+        parts.append(f"dL(r={row['radius']:g})={row['loss_increase']:.3g}")
+    return " ".join(parts)
+
+
+if __name__ == "__main__":  # pragma: no cover - convenience
+    print(summary_line(measure_run(Path(sys.argv[1]))))

@@ -1,0 +1,232 @@
+"""Ray Train (Train V2): the one worker function and the one ``TorchTrainer`` of the package.
+
+``launch/ray_job.py`` (one run) and ``ssgd-dist sweep --ray`` (one trainer per grid cell) both come
+here, so a run on Ray is always the torchrun loop (``ssgd_dist.train.train``) plus checkpoints Ray can
+restore. A Ray checkpoint is itself a small run directory (``config.yaml``, ``metrics.jsonl``,
+``checkpoints/last.pt``): whichever copy survives a failure, ``train`` resumes from it and ``report``
+reads it. When the storage is an object store (or a local working directory is asked for), workers
+train in a local run directory and rank 0 mirrors each snapshot to ``<storage>/<name>``.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from contextlib import ExitStack
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow.fs
+import ray
+import ray.train
+import torch.distributed as dist
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray.train.torch import TorchTrainer
+
+from ..analysis.flatness_run import flatness_path, measure_run
+from ..checkpoint import load_checkpoint_file
+from ..config import Config, FlatnessOptions, validate
+from ..errors import NonFiniteError
+from ..metrics import scalars
+from ..train import train
+
+# What a Ray checkpoint holds besides ``checkpoints/last.pt``: the run directory minus older checkpoints.
+SNAPSHOT_FILES = ("config.yaml", "metrics.jsonl")
+
+
+@dataclass(frozen=True)
+class RunLocation:
+    """Ray's ``RunConfig(name, storage_path)`` and the run directory the workers write.
+
+    ``mirror``: that run directory is local to the workers; rank 0 copies it to ``<storage_path>/<name>``.
+    """
+
+    name: str
+    storage_path: str
+    run_dir: str
+    mirror: bool = False
+
+    @property
+    def shown_dir(self) -> str:
+        """The run directory a user reads afterwards: the mirror when there is one."""
+        return f"{self.storage_path.rstrip('/')}/{self.name}" if self.mirror else self.run_dir
+
+
+def is_uri(path: str) -> bool:
+    return "://" in path and not path.startswith("file://")
+
+
+def storage_location(storage_path: str, name: str) -> tuple[pyarrow.fs.FileSystem, str]:
+    """(pyarrow file system, path of ``<storage>/<name>`` on it)."""
+    if is_uri(storage_path):
+        fs, base = pyarrow.fs.FileSystem.from_uri(storage_path)
+    else:
+        fs, base = pyarrow.fs.LocalFileSystem(), storage_path
+    return fs, f"{base.rstrip('/')}/{name}"
+
+
+def write_snapshot(run_dir: Path, ckpt_path: Path, dest: Path) -> None:
+    """A run directory holding only the newest checkpoint: what a Ray checkpoint contains."""
+    (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
+    for fname in SNAPSHOT_FILES:
+        if (run_dir / fname).exists():
+            shutil.copyfile(run_dir / fname, dest / fname)
+    target = dest / "checkpoints" / "last.pt"
+    try:
+        os.link(ckpt_path, target)  # same file system: free
+    except OSError:
+        shutil.copyfile(ckpt_path, target)
+
+
+def download_run_dir(storage_path: str, name: str, dest: Path) -> Path:
+    """Copy ``<storage>/<name>``'s snapshot files (those that exist) into ``dest``."""
+    fs, base = storage_location(storage_path, name)
+    dest.mkdir(parents=True, exist_ok=True)
+    for rel in (*SNAPSHOT_FILES, "checkpoints/last.pt"):
+        if fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.File:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+            pyarrow.fs.copy_files(f"{base}/{rel}", str(dest / rel), source_filesystem=fs)
+    return dest
+
+
+def checkpoint_step(snapshot: Path) -> int | None:
+    """The step of a snapshot's ``checkpoints/last.pt``; None if missing or unreadable."""
+    path = snapshot / "checkpoints" / "last.pt"
+    try:
+        return int(load_checkpoint_file(path)["step"]) if path.is_file() else None
+    except Exception:  # noqa: BLE001 - truncated or corrupt: not a candidate
+        return None
+
+
+def choose_snapshot(candidates: list[tuple[str, Path]]) -> tuple[str, Path, int] | None:
+    """The newest loadable snapshot; on a tie the earlier candidate wins."""
+    best = None
+    for label, snap in candidates:
+        step = checkpoint_step(snap)
+        if step is not None and (best is None or step > best[2]):
+            best = (label, snap, step)
+    return best
+
+
+def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | None:
+    """The checkpoint ``train(resume_from=...)`` falls back to; resets a stale local working copy.
+
+    ``train`` itself prefers the run directory's newest checkpoint. On a shared file system that
+    directory is never older than Ray's latest checkpoint: rank 0 saves before it reports, and Ray
+    registers a checkpoint only once its controller has every rank's report, so a crash right after
+    a report can lose the registration but not the file. A mirrored (local) copy may be stale or on
+    another node, so it is cleared and every rank resumes from the newer of Ray's checkpoint and the
+    copy in the storage; all ranks see the same storage, so they all pick the same checkpoint.
+    """
+    run_dir = Path(where.run_dir)
+    candidates = []
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint is not None:
+        candidates.append(("Ray checkpoint", Path(stack.enter_context(checkpoint.as_directory()))))
+    if where.mirror:
+        # A fixed name per rank, so a copy left by a killed worker is replaced, not accumulated.
+        tmp = run_dir.parent / f".{run_dir.name}.resume-rank{rank}"
+        shutil.rmtree(tmp, ignore_errors=True)
+        stack.callback(shutil.rmtree, tmp, ignore_errors=True)
+        candidates.append(("run directory in the storage", download_run_dir(where.storage_path, where.name, tmp)))
+        if rank == 0 and run_dir.exists():
+            for entry in run_dir.iterdir():
+                if not entry.name.startswith(".crash-injected-"):  # test-only fault marker: keep it
+                    shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
+    if rank == 0:  # snapshots a killed rank 0 left behind
+        for stale in run_dir.glob(".ray-snapshot-*"):
+            shutil.rmtree(stale, ignore_errors=True)
+    chosen = choose_snapshot(candidates)
+    if chosen is not None and rank == 0:
+        label, snap, step = chosen
+        run_dir.mkdir(parents=True, exist_ok=True)
+        for fname in SNAPSHOT_FILES:  # a run directory without its files gets its history back
+            if (snap / fname).exists() and not (run_dir / fname).exists():
+                shutil.copyfile(snap / fname, run_dir / fname)
+        print(f"ssgd-dist: if the run directory has no checkpoint: resume from the {label} at step {step} ({snap})",
+              flush=True)  # fmt: skip
+    if dist.is_initialized():
+        dist.barrier()  # nobody reads the run directory before rank 0 has reset and restored it
+    return chosen[1] / "checkpoints" / "last.pt" if chosen is not None else None
+
+
+def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
+    """Runs on every Ray Train worker (Ray has set up the process group); ``loop`` comes from ``build_trainer``.
+
+    Returns ``{"status": "done", **summary}`` (Ray hands rank 0's to the driver), or ``{"status":
+    "diverged", "error": ...}`` when ``diverged_as_status``: a sweep records the cell and goes on,
+    while a single job lets the ``NonFiniteError`` fail the run as it fails under torchrun.
+    """
+    cfg, where, run_dir = validate(loop["config"]), loop["where"], Path(loop["where"].run_dir)
+    rank = ray.train.get_context().get_world_rank()
+
+    def on_checkpoint(record: dict[str, Any], path: Path | None) -> None:
+        # Every rank reports (the report is a barrier); rank 0 attaches the checkpoint.
+        metrics = scalars(record)
+        if path is None:
+            ray.train.report(metrics, checkpoint=None)
+            return
+        with tempfile.TemporaryDirectory(prefix=".ray-snapshot-", dir=run_dir, ignore_cleanup_errors=True) as snap:
+            write_snapshot(run_dir, Path(path), Path(snap))
+            ray.train.report(
+                metrics,
+                checkpoint=Checkpoint.from_directory(snap),
+                checkpoint_dir_name=f"checkpoint-step-{record['step']:08d}",
+            )
+            if where.mirror:  # keep <storage>/<name> a run directory whatever the storage
+                fs, dest = storage_location(where.storage_path, where.name)
+                fs.create_dir(dest)
+                pyarrow.fs.copy_files(snap, dest, destination_filesystem=fs)
+
+    with ExitStack() as stack:
+        resume_from = prepare_resume(where, rank, stack)
+        try:
+            summary = train(cfg, run_dir, on_checkpoint=on_checkpoint, resume_from=resume_from)
+        except NonFiniteError as exc:
+            if not loop["diverged_as_status"]:
+                raise
+            return {"status": "diverged", "error": str(exc)}
+    if loop["flatness"] is not None and not flatness_path(run_dir).exists():
+        measure_run(run_dir, loop["flatness"])  # every worker measures a shard of the samples
+    return {"status": "done", **summary}
+
+
+def connect(address: str | None = None, log_to_driver: bool = True) -> None:
+    """Join the cluster (the job's, or ``address``) once per process; without one Ray starts a local one."""
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")  # clusters without a network: don't try to phone home
+    if not ray.is_initialized():
+        ray.init(address=address, log_to_driver=log_to_driver)
+
+
+def build_trainer(
+    cfg: Config,
+    where: RunLocation,
+    *,
+    num_workers: int,
+    use_gpu: bool = False,
+    resources_per_worker: dict[str, float] | None = None,
+    max_failures: int = 2,
+    num_to_keep: int = 2,
+    flatness: FlatnessOptions | None = None,
+    diverged_as_status: bool = False,
+) -> TorchTrainer:
+    """``train_worker`` on ``num_workers`` DDP workers; ``flatness``: measure the result on the same workers.
+
+    ``resources_per_worker`` None: Ray's default (1 CPU, or 1 GPU with ``use_gpu``). Fitting it again
+    with the same ``where`` resumes the run (Train V2 has no ``Trainer.restore``).
+    """
+    loop = {"config": cfg.to_dict(), "where": where, "flatness": flatness, "diverged_as_status": diverged_as_status}
+    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
+    return TorchTrainer(
+        train_worker,
+        train_loop_config=loop,
+        scaling_config=scaling,
+        run_config=RunConfig(
+            name=where.name,
+            storage_path=where.storage_path,
+            failure_config=FailureConfig(max_failures=max_failures),
+            checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+        ),
+    )

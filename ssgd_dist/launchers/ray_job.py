@@ -1,0 +1,142 @@
+"""One training run on a Ray cluster: the driver behind ``launch/ray_job.py`` (``ray job submit``).
+
+A Ray Train ``TorchTrainer`` starts ``--num-workers`` workers; Ray creates the process group (gloo on
+CPU, NCCL on GPU) and each worker runs the very same loop and DDP S-SGD step as ``torchrun -m
+ssgd_dist.cli train`` (see ``launchers.ray``). Everything that can be checked here (config, launch
+rules, storage path, run directory) is, so that a mistake costs one line and exit code 2, not a cluster.
+
+The run directory is ``<storage-path>/<name>``, the same contract as the CLI's ``--run-dir``; Ray's own
+files (``checkpoint-step-N/``, ``checkpoint_manager_snapshot.json``) sit beside ours. With an object
+store (``s3://...``) or ``--local-dir`` the workers train locally and rank 0 mirrors the run directory
+there. ``--max-failures N`` lets Ray restart the worker group, which resumes at the same step, noise and
+data position; re-submitting with the same ``--name`` and ``--storage-path`` resumes too.
+
+Exit codes: 0 done, 2 a configuration or launch error (one line), 1 training failed (a non-finite loss
+included: Ray reports it as a failed run, after its restarts).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+import ray
+
+from ..config import Config, load_config
+from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
+from ..backends import check_launch
+from ..train import check_run_dir
+from .ray import RunLocation, build_trainer, connect, is_uri
+
+DEFAULT_STORAGE = "~/ray_results"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="launch/ray_job.py",
+        description="Train one ssgd-dist run with Ray Train (TorchTrainer); submit with `ray job submit`.",
+    )
+    p.add_argument("--config", required=True, help="packaged config name or YAML path (relative to --working-dir)")
+    p.add_argument("--num-workers", type=int, required=True, help="training workers (= DDP ranks)")
+    p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (implies device=cuda, NCCL)")
+    p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
+    p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per worker with --use-gpu (default 1)")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config key (repeatable)")  # fmt: skip
+    p.add_argument(
+        "--storage-path",
+        default=DEFAULT_STORAGE,
+        help=f"absolute path (shared by all nodes) or URI (s3://...) for the run; "
+        f"default {DEFAULT_STORAGE} on the head",
+    )
+    p.add_argument("--name", help="run name; the run directory is <storage-path>/<name> "
+                   "(default <config>-<method>-s<seed>)")  # fmt: skip
+    p.add_argument(
+        "--local-dir",
+        help="where workers train when the storage is an object store (default: <tmp>/ssgd-dist/<name>); "
+        "given with a local storage path, train there and copy to the storage path at each checkpoint",
+    )
+    p.add_argument("--max-failures", type=int, default=2,
+                   help="worker-group restarts Ray may make (-1: unlimited; default 2)")  # fmt: skip
+    p.add_argument("--num-to-keep", type=int, default=2, help="Ray checkpoints kept in the storage (default 2)")
+    return p
+
+
+def resolve_config(args: argparse.Namespace) -> Config:
+    """The run's config. Defaults that suit Ray come first, so the user's ``--set`` still wins."""
+    defaults = ["train.progress=false"]  # tqdm's carriage returns garble Ray's log streaming
+    defaults.append("device=cuda" if args.use_gpu else "device=cpu")
+    cfg = load_config(args.config, defaults + list(args.set))
+    if cfg.device == "cuda" and not args.use_gpu:
+        raise ConfigError("device = cuda: pass --use-gpu so that Ray gives each worker a GPU")
+    return cfg
+
+
+def resolve_storage(args: argparse.Namespace, cfg: Config) -> RunLocation:
+    """Where the run lives: the run directory workers write, and where it is mirrored (if anywhere)."""
+    name = args.name or f"{Path(args.config).stem}-{cfg.method}-s{cfg.seed}"
+    if "/" in name or name in (".", ".."):
+        raise ConfigError(f"--name {name}: must be a plain directory name (no '/')")
+    storage = args.storage_path
+    if storage.startswith("file://"):
+        storage = storage[len("file://") :]
+    if not is_uri(storage):
+        storage = os.path.expanduser(storage)
+        if not os.path.isabs(storage):
+            raise ConfigError(
+                f"--storage-path {args.storage_path}: must be absolute (or a URI such as s3://bucket/runs); "
+                "a job's working directory is a temporary copy that is not kept"
+            )
+    if is_uri(storage) or args.local_dir:
+        local = Path(os.path.expanduser(args.local_dir or os.path.join(tempfile.gettempdir(), "ssgd-dist"))) / name
+        return RunLocation(name, storage, str(local), mirror=True)
+    return RunLocation(name, storage, os.path.join(storage, name))
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.num_workers < 1:
+            raise ConfigError(f"--num-workers {args.num_workers}: needs at least 1 worker")
+        cfg = resolve_config(args)
+        check_launch(cfg, args.num_workers)
+        where = resolve_storage(args, cfg)
+        if not where.mirror:
+            check_run_dir(cfg, Path(where.run_dir))  # fail here, not in every worker
+    except ConfigError as exc:
+        print(f"ssgd-dist: error: {exc}", file=sys.stderr)
+        return EXIT_CONFIG
+
+    resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.use_gpu else {})}
+    trainer = build_trainer(
+        cfg, where, num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources,
+        max_failures=args.max_failures, num_to_keep=args.num_to_keep,
+    )  # fmt: skip
+    print(f"ssgd-dist: {cfg.method} on {args.num_workers} Ray workers ({'GPU' if args.use_gpu else 'CPU'}), "
+          f"run dir {where.shown_dir}", flush=True)  # fmt: skip
+    try:
+        connect()
+        result = trainer.fit()
+    except Exception as exc:  # TrainingFailedError and friends; the workers' tracebacks are in the log
+        first = next((line.strip() for line in str(exc).splitlines() if line.strip()), "")
+        print(
+            f"ssgd-dist: training failed ({type(exc).__name__}: {first}); the workers' errors are in the log "
+            f"above; re-submit with the same --name and --storage-path to resume from the last checkpoint",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
+    finally:
+        if ray.is_initialized():
+            ray.shutdown()
+    summary = result.return_value or {}
+    acc = summary.get("test_acc")
+    print(
+        f"ssgd-dist: done at step {summary.get('step')}: "
+        + (f"test_acc={acc:.4f} " if acc is not None else "")
+        + f"run_dir={where.shown_dir} ray_checkpoint={result.checkpoint.path if result.checkpoint else None}",
+        flush=True,
+    )
+    return 0
