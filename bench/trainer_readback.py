@@ -24,10 +24,16 @@ WARMUP = 50
 
 def seconds_per_step(log_every: int, opts: argparse.Namespace, run_dir: Path) -> float:
     sets = {
-        "device": opts.device, "data.name": "synthetic", "data.batch_size": opts.batch_size,
-        "model.hidden": f"[{opts.width},{opts.width}]", "train.epochs": opts.steps, "train.eval_every": 10**6,
-        "train.checkpoint_every": 10**6, "train.progress": "false", "train.log_every": log_every,
-    }  # fmt: skip
+        "device": opts.device,
+        "data.name": "synthetic",
+        "data.batch_size": opts.batch_size,
+        "model.hidden": f"[{opts.width},{opts.width}]",
+        "train.epochs": opts.steps,
+        "train.eval_every": 10**6,
+        "train.checkpoint_every": 10**6,
+        "train.progress": "false",
+        "train.log_every": log_every,
+    }
     args = [f"--set={k}={v}" for k, v in sets.items()]
     cmd = [sys.executable, "-m", "ssgd_dist.cli", "train", "--config", "quickstart", *args, "--run-dir", str(run_dir)]
     subprocess.run(cmd, check=True, capture_output=True, text=True)
@@ -52,13 +58,17 @@ def main() -> int:
             for log_every in samples:
                 samples[log_every].append(seconds_per_step(log_every, opts, Path(tmp) / f"r{i}-l{log_every}"))
     every, window = (statistics.median(samples[k]) for k in (1, 10))
-    print(f"S-SGD, MLP 32-{opts.width}-{opts.width}-4, batch {opts.batch_size}, {opts.device}, "
-          f"median of {opts.repeats} runs of {opts.steps} steps (first {WARMUP} not counted)")  # fmt: skip
+    print(
+        f"S-SGD, MLP 32-{opts.width}-{opts.width}-4, batch {opts.batch_size}, {opts.device}, "
+        f"median of {opts.repeats} runs of {opts.steps} steps (first {WARMUP} not counted)"
+    )
     print(f"  train.log_every=1  (read back every step): {every * 1e3:.3f} ms/step")
     print(f"  train.log_every=10 (the default):          {window * 1e3:.3f} ms/step")
     print(f"  step time, every step / every 10: {every / window:.3f}")
     if opts.json:
-        Path(opts.json).write_text(json.dumps({"samples_s_per_step": samples, "ratio": every / window, **vars(opts)}, indent=1))
+        Path(opts.json).write_text(
+            json.dumps({"samples_s_per_step": samples, "ratio": every / window, **vars(opts)}, indent=1)
+        )
     return 0
 
 

@@ -27,7 +27,10 @@ def tracking_bn_layers(model: nn.Module) -> list[nn.Module]:
 
 def bn_snapshot(model: nn.Module) -> BNState:
     """Copies of every BatchNorm layer's running statistics (small: two vectors and a counter each)."""
-    return [(m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone()) for m in tracking_bn_layers(model)]
+    return [
+        (m, m.running_mean.clone(), m.running_var.clone(), m.num_batches_tracked.clone())
+        for m in tracking_bn_layers(model)
+    ]
 
 
 def bn_restore(saved: BNState) -> None:
@@ -71,7 +74,10 @@ def recalibrate_bn(model: nn.Module, x_train: torch.Tensor, samples: int, batch_
         return False
     rank, world = _world()
     param = next(model.parameters())
-    device, dtype = param.device, (param.dtype if x_train.is_floating_point() else x_train.dtype)  # bf16 weights: bf16 inputs
+    device, dtype = (
+        param.device,
+        (param.dtype if x_train.is_floating_point() else x_train.dtype),
+    )  # bf16 weights: bf16 inputs
     gen = generator(Stream.BN_RECALIBRATE, seed)
     idx = torch.randperm(len(x_train), generator=gen)[: min(samples, len(x_train))][rank::world]
     x = x_train[idx]

@@ -121,10 +121,16 @@ def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tupl
     for path in candidates:
         expected = manifest.get(path.name)
         if expected is not None and sha256_of(path) != expected:
-            print(f"ssgd-dist: checkpoint {path} fails its checksum (truncated or corrupted); trying an older one", file=sys.stderr)
+            print(
+                f"ssgd-dist: checkpoint {path} fails its checksum (truncated or corrupted); trying an older one",
+                file=sys.stderr,
+            )
             continue
         try:
             return load_checkpoint_file(path, map_location), path
         except Exception as exc:  # noqa: BLE001 - any unreadable file means: fall back to an older one
-            print(f"ssgd-dist: checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one", file=sys.stderr)
+            print(
+                f"ssgd-dist: checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one",
+                file=sys.stderr,
+            )
     return None

@@ -32,7 +32,11 @@ def cmd_train(args: argparse.Namespace) -> int:
     summary = train(cfg, run_dir)
     if _is_rank0():
         acc = summary.get("test_acc")
-        print(f"ssgd-dist: done at step {summary['step']}: test_acc={acc:.4f} run_dir={run_dir}" if acc is not None else f"ssgd-dist: done: {summary}")
+        print(
+            f"ssgd-dist: done at step {summary['step']}: test_acc={acc:.4f} run_dir={run_dir}"
+            if acc is not None
+            else f"ssgd-dist: done: {summary}"
+        )
     return 0
 
 
@@ -46,7 +50,19 @@ def cmd_quickstart(args: argparse.Namespace) -> int:
     for method in ("sgd", "ssgd"):
         run_dir = base / method
         print(f"== {method}: {args.workers} workers, run dir {run_dir}", flush=True)
-        rc = run_torchrun(args.workers, ["train", "--config", "quickstart", "--set", f"method={method}", *sum((["--set", s] for s in args.set), []), "--run-dir", str(run_dir)])
+        rc = run_torchrun(
+            args.workers,
+            [
+                "train",
+                "--config",
+                "quickstart",
+                "--set",
+                f"method={method}",
+                *sum((["--set", s] for s in args.set), []),
+                "--run-dir",
+                str(run_dir),
+            ],
+        )
         if rc != 0:
             print(f"ssgd-dist: the {method} run failed with exit code {rc}", file=sys.stderr)
             return rc
@@ -63,7 +79,9 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     missing = [d for d in args.runs if not Path(d).is_dir()]
     if missing:
-        raise ConfigError(f"report: {missing[0]} is not a directory (pass run directories or a sweep's output directory)")
+        raise ConfigError(
+            f"report: {missing[0]} is not a directory (pass run directories or a sweep's output directory)"
+        )
     runs = collect_run_dirs(args.runs)
     if not runs:
         raise ConfigError(f"report: no run directory (with a config.yaml) in {', '.join(args.runs)}")
@@ -86,18 +104,42 @@ def cmd_sweep(args: argparse.Namespace) -> int:
         return 0
     ray_kwargs = {}
     if args.ray:
-        ray_kwargs = dict(max_concurrent=args.max_concurrent, use_gpu=args.use_gpu, storage_path=args.storage_path, max_failures=args.max_failures)
-    statuses, report = run_sweep(grid, out, workers=args.workers, ray_address=args.ray, flatness=not args.no_flatness,
-                                 report=not args.no_report, **ray_kwargs)  # fmt: skip
+        ray_kwargs = dict(
+            max_concurrent=args.max_concurrent,
+            use_gpu=args.use_gpu,
+            storage_path=args.storage_path,
+            max_failures=args.max_failures,
+        )
+    statuses, report = run_sweep(
+        grid,
+        out,
+        workers=args.workers,
+        ray_address=args.ray,
+        flatness=not args.no_flatness,
+        report=not args.no_report,
+        **ray_kwargs,
+    )
     bad = {name: status for name, status in statuses.items() if status not in ("done", "diverged")}
     done = sum(s == "done" for s in statuses.values())
     diverged = sum(s == "diverged" for s in statuses.values())
-    print(f"sweep {grid.name}: {done} done, {diverged} diverged, {len(bad)} failed or not run" + (f"; report: {report}" if report else ""))
+    print(
+        f"sweep {grid.name}: {done} done, {diverged} diverged, {len(bad)} failed or not run"
+        + (f"; report: {report}" if report else "")
+    )
     if report is not None:
         from .analysis.report import collect_run_dirs, comparison_table, summarize_run
 
         print()
-        print(comparison_table([summarize_run(d) for d in collect_run_dirs([out / c.name for c in grid.cells if statuses.get(c.name) in ("done", "diverged")])]))
+        print(
+            comparison_table(
+                [
+                    summarize_run(d)
+                    for d in collect_run_dirs(
+                        [out / c.name for c in grid.cells if statuses.get(c.name) in ("done", "diverged")]
+                    )
+                ]
+            )
+        )
     for name, status in bad.items():
         print(f"  {name}: {status}", file=sys.stderr)
     return 1 if bad else 0
@@ -147,18 +189,28 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep's output directory)")
     p.add_argument("--out", required=True)
     p.add_argument("--title", help="report heading")
-    p.add_argument("--radius", type=float, help="perturbation radius of the table's sharpness column (default: median measured)")
+    p.add_argument(
+        "--radius", type=float, help="perturbation radius of the table's sharpness column (default: median measured)"
+    )
     p.set_defaults(func=cmd_report)
 
     p = sub.add_parser("sweep", help="a grid of methods x batch sizes x seeds x config keys, resumable, then a report")
     p.add_argument("grid", help="packaged grid name (e.g. mnist1d-large-batch) or a grid YAML path")
     p.add_argument("--out", help="output directory (default runs/<grid name>); rerun with the same one to resume")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key in every run")
-    p.add_argument("--workers", type=int, default=1, help="ranks per run (torchrun locally, Ray Train workers with --ray)")
-    p.add_argument("--methods", type=_csv(str), help="only these method labels or names (comma-separated, shell patterns)")
+    p.add_argument(
+        "--workers", type=int, default=1, help="ranks per run (torchrun locally, Ray Train workers with --ray)"
+    )
+    p.add_argument(
+        "--methods", type=_csv(str), help="only these method labels or names (comma-separated, shell patterns)"
+    )
     p.add_argument("--batch-sizes", type=_csv(int), help="only these batch sizes (comma-separated)")
     p.add_argument("--seeds", type=_csv(int), help="replace the grid's seeds (comma-separated)")
-    p.add_argument("--ray", metavar="ADDRESS", help="run the cells as concurrent Ray Train jobs: 'auto', 'local' or ray://HOST:10001")
+    p.add_argument(
+        "--ray",
+        metavar="ADDRESS",
+        help="run the cells as concurrent Ray Train jobs: 'auto', 'local' or ray://HOST:10001",
+    )
     p.add_argument("--max-concurrent", type=int, help="with --ray: runs at once (default: cluster CPUs / workers)")
     p.add_argument("--use-gpu", action="store_true", help="with --ray: one GPU per worker")
     p.add_argument("--storage-path", help="with --ray: Ray Train storage (shared FS or s3://...; default OUT/.ray)")
@@ -168,7 +220,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.set_defaults(func=cmd_sweep)
 
-    p = sub.add_parser("flatness", help="sharpness (perturbation, Hessian eigenvalue and trace) and loss landscapes of a run")
+    p = sub.add_parser(
+        "flatness", help="sharpness (perturbation, Hessian eigenvalue and trace) and loss landscapes of a run"
+    )
     # No defaults here: a flag left out stays None, and FlatnessOptions holds every default.
     from .config import FlatnessOptions
 
@@ -220,13 +274,17 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--overlap", type=float, help=bench_help("overlap", show_default=True))
     p.set_defaults(func=cmd_bench)
 
-    p = sub.add_parser("k8s", help="render a Kubernetes overlay with your image and a validated config (kubectl apply -f)")
+    p = sub.add_parser(
+        "k8s", help="render a Kubernetes overlay with your image and a validated config (kubectl apply -f)"
+    )
     p.add_argument("overlay", help="rayjob, pytorchjob, torchrun-job or cpu-smoke (the folders of k8s/overlays)")
     p.add_argument("--image", help="the training image, REGISTRY/NAME[:TAG][@DIGEST] (default: the overlay's)")
     p.add_argument("--config", help="training config, packaged name or YAML path (default: the overlay's ConfigMap)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     p.add_argument("--out", help="write the manifests here instead of standard output")
-    p.add_argument("--k8s-dir", type=Path, help="the k8s/ folder holding base/ and overlays/ (default: the one beside the package)")
+    p.add_argument(
+        "--k8s-dir", type=Path, help="the k8s/ folder holding base/ and overlays/ (default: the one beside the package)"
+    )
     p.set_defaults(func=cmd_k8s)
     return parser
 
@@ -262,7 +320,10 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except NonFiniteError as exc:
         if _is_rank0():
-            print(f"ssgd-dist: stopped: {exc}; set train.on_nonfinite=skip to skip such steps, or lower optim.lr", file=sys.stderr)
+            print(
+                f"ssgd-dist: stopped: {exc}; set train.on_nonfinite=skip to skip such steps, or lower optim.lr",
+                file=sys.stderr,
+            )
         return EXIT_NONFINITE
 
 

@@ -8,6 +8,7 @@ back to a default), and every error names the field, the bad value and what is a
 from __future__ import annotations
 
 import difflib
+from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
 from typing import Any, Literal
@@ -37,7 +38,7 @@ class NoiseConfig(_Section):
     )
 
     @model_validator(mode="after")
-    def _check_restore(self) -> "NoiseConfig":
+    def _check_restore(self) -> NoiseConfig:
         if self.restore == "regenerate" and self.scale == "elementwise":
             raise ValueError(
                 "noise.restore = regenerate: noise scaled by |w| (noise.scale = elementwise) cannot be undone "
@@ -79,7 +80,9 @@ class OptimConfig(_Section):
     weight_decay: float = Field(5e-4, ge=0)
     schedule: Literal["constant", "step", "cosine"] = "cosine"
     warmup_fraction: float = Field(0.0, ge=0, lt=1)
-    milestones: list[float] = Field(default_factory=lambda: [0.5, 0.75], description="step schedule, fractions of the run")
+    milestones: list[float] = Field(
+        default_factory=lambda: [0.5, 0.75], description="step schedule, fractions of the run"
+    )
     gamma: float = Field(0.1, gt=0, description="step schedule decay factor")
     reference_batch_size: int | None = Field(
         None, ge=1, description="linear scaling: lr is multiplied by batch_size / reference_batch_size"
@@ -138,7 +141,7 @@ class Config(_Section):
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
 
     @model_validator(mode="after")
-    def _check_cross_field(self) -> "Config":
+    def _check_cross_field(self) -> Config:
         if self.method == "ssgd" and self.ssgd.batch_split == "halves" and self.data.batch_size % 2:
             raise ValueError(
                 f"data.batch_size = {self.data.batch_size}: 'halves' splits every batch in two; use an even batch size"
@@ -221,8 +224,10 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
     node[parts[-1]] = value
 
 
-def _format_validation_error(exc: ValidationError) -> str:
-    known = _known_keys(Config)
+def validation_message(exc: ValidationError, known: list[str], field_name: Callable[[str], str] = str) -> str:
+    """One line per problem: a validator's own message as it is, else the field, the bad value and what is
+    allowed; unknown keys with the closest known one. ``field_name`` turns a dotted key into what the user
+    typed (a flag, for instance)."""
     lines = []
     for err in exc.errors():
         field = ".".join(str(p) for p in err["loc"]) or "config"
@@ -232,7 +237,7 @@ def _format_validation_error(exc: ValidationError) -> str:
         elif err["type"] == "value_error":
             lines.append(err["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"{field} = {err.get('input')!r}: {err['msg']}")
+            lines.append(f"{field_name(field)} = {err.get('input')!r}: {err['msg']}")
     return "; ".join(lines)
 
 
@@ -240,7 +245,7 @@ def validate(data: dict[str, Any]) -> Config:
     try:
         return Config.model_validate(data)
     except ValidationError as exc:
-        raise ConfigError(_format_validation_error(exc)) from None
+        raise ConfigError(validation_message(exc, _known_keys(Config))) from None
 
 
 def load_config(name_or_path: str, overrides: list[str] | None = None) -> Config:
@@ -257,6 +262,10 @@ def override(data: dict[str, Any], overrides: list[str] | None = None) -> Config
 
 def dump_config(cfg: Config) -> str:
     return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+
+
+def _flag(field: str) -> str:
+    return "--" + field.replace("_", "-")
 
 
 class BenchOptions(BaseModel):
@@ -316,14 +325,7 @@ class BenchOptions(BaseModel):
         try:
             return cls(**values)
         except ValidationError as exc:
-            lines = []
-            for err in exc.errors():
-                if err["type"] == "value_error":
-                    lines.append(err["msg"].removeprefix("Value error, "))
-                else:
-                    flag = "--" + str(err["loc"][0] if err["loc"] else "").replace("_", "-")
-                    lines.append(f"{flag} {err.get('input')!r}: {err['msg']}")
-            raise ConfigError("; ".join(lines)) from None
+            raise ConfigError(validation_message(exc, list(cls.model_fields), _flag)) from None
 
 
 class FlatnessOptions(BaseModel):
@@ -357,9 +359,4 @@ class FlatnessOptions(BaseModel):
         try:
             return cls.model_validate(dict(data or {}))
         except ValidationError as exc:
-            errors = exc.errors()
-            unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
-            problems = [f"unknown option(s) {unknown}; known: {sorted(cls.model_fields)}"] if unknown else []
-            problems += [f"{'.'.join(map(str, e['loc']))} = {e.get('input')!r}: {e['msg']}"
-                         for e in errors if e["type"] != "extra_forbidden"]  # fmt: skip
-            raise ConfigError("flatness: " + "; ".join(problems)) from None
+            raise ConfigError("flatness: " + validation_message(exc, list(cls.model_fields))) from None

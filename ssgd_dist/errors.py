@@ -6,7 +6,6 @@ line naming the input and the fix; a non-finite loss under ``on_nonfinite: stop`
 
 from __future__ import annotations
 
-EXIT_OK = 0
 EXIT_FAILED = 1
 EXIT_CONFIG = 2
 EXIT_NONFINITE = 3

@@ -18,7 +18,9 @@ class MetricsWriter:
         try:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._tb = SummaryWriter(str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None)
+            self._tb = SummaryWriter(
+                str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
+            )
         except ImportError:  # tensorboard is optional (the dev extra installs it)
             pass
 

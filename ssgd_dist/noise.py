@@ -83,7 +83,9 @@ def rademacher_signs(ws: list[torch.Tensor], gen: torch.Generator) -> list[torch
     return [v.view(w.shape) for v, w in zip(flat.split(sizes), ws)]
 
 
-def add_scaled_(p: torch.Tensor, xi: torch.Tensor, sigma, w: torch.Tensor | None, alpha: float, coefficient: float) -> None:
+def add_scaled_(
+    p: torch.Tensor, xi: torch.Tensor, sigma, w: torch.Tensor | None, alpha: float, coefficient: float
+) -> None:
     """p <- p + coefficient * sigma * xi in one fused kernel; ``w`` (unperturbed) only for ``elementwise``."""
     if sigma is None:
         p.addcmul_(xi, w.abs(), value=coefficient * alpha)
@@ -226,9 +228,7 @@ class Perturber:
             for p, delta in zip(self.params, deltas, strict=True):
                 p.add_(delta, alpha=sign)
 
-    def perturb(
-        self, seed: int, step: int, distribution: str, scale: str, alpha: float, sign: float = 1.0
-    ) -> None:
+    def perturb(self, seed: int, step: int, distribution: str, scale: str, alpha: float, sign: float = 1.0) -> None:
         """w <- w + sign * n, n drawn on the weights' device from the generator of (seed, step)."""
         params = self.params
         if not params:

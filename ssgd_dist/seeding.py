@@ -48,7 +48,9 @@ def stream_seed(stream: Stream, seed: int, index: int | None = None) -> int:
     return base if index is None else step_seed(base, index)
 
 
-def generator(stream: Stream, seed: int, index: int | None = None, device: torch.device | str = "cpu") -> torch.Generator:
+def generator(
+    stream: Stream, seed: int, index: int | None = None, device: torch.device | str = "cpu"
+) -> torch.Generator:
     """A private generator of ``stream``; it never touches the global RNG, which ranks consume differently."""
     gen = torch.Generator(device=device)
     gen.manual_seed(stream_seed(stream, seed, index))

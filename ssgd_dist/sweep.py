@@ -47,7 +47,19 @@ from .analysis.flatness_run import flatness_path
 from .config import Config, FlatnessOptions, apply_override, dump_config, parse_yaml_mapping, read_config_yaml, validate
 from .errors import EXIT_NONFINITE, ConfigError, NonFiniteError
 
-GRID_KEYS = {"name", "base", "set", "methods", "batch_sizes", "batch_set", "seeds", "vary", "flatness", "blocks", "description"}
+GRID_KEYS = {
+    "name",
+    "base",
+    "set",
+    "methods",
+    "batch_sizes",
+    "batch_set",
+    "seeds",
+    "vary",
+    "flatness",
+    "blocks",
+    "description",
+}
 BLOCK_KEYS = {"set", "methods", "batch_sizes", "batch_set", "seeds", "vary"}
 SWEEP_FILE = "sweep.json"
 
@@ -67,7 +79,15 @@ class Cell:
     cfg: Config
 
     def info(self, grid: str) -> dict[str, Any]:
-        return {"grid": grid, "name": self.name, "label": self.label, "method": self.method, "batch_size": self.batch_size, "seed": self.seed, "vary": self.vary}
+        return {
+            "grid": grid,
+            "name": self.name,
+            "label": self.label,
+            "method": self.method,
+            "batch_size": self.batch_size,
+            "seed": self.seed,
+            "vary": self.vary,
+        }
 
 
 @dataclass
@@ -79,13 +99,14 @@ class Grid:
     flatness_seeds: list[int] | None = None  # None: every seed
     landscape_2d_seeds: list[int] | None = None  # None: every measured seed
 
-    def flatness_for(self, cell: "Cell") -> FlatnessOptions | None:
+    def flatness_for(self, cell: Cell) -> FlatnessOptions | None:
         """The measurement options of one cell, or None when the cell is not measured."""
         if self.flatness is None or (self.flatness_seeds is not None and cell.seed not in self.flatness_seeds):
             return None
         if self.landscape_2d_seeds is not None and cell.seed not in self.landscape_2d_seeds:
             return self.flatness.model_copy(update={"landscape_2d": 0})
         return self.flatness
+
     description: str = ""
     extra: dict[str, Any] = field(default_factory=dict)
 
@@ -108,7 +129,8 @@ def _read_grid_file(name_or_path: str) -> tuple[dict[str, Any], Path | None]:
         packaged = resources.files("ssgd_dist.configs") / "grids" / f"{name_or_path}.yaml"
         if not packaged.is_file():
             raise ConfigError(
-                f"sweep {name_or_path}: not a file and not a packaged grid; packaged grids: {', '.join(packaged_grid_names()) or 'none'}"
+                f"sweep {name_or_path}: not a file and not a packaged grid; "
+                f"packaged grids: {', '.join(packaged_grid_names()) or 'none'}"
             )
         text, where = packaged.read_text(), None
     data = parse_yaml_mapping(text, f"sweep {name_or_path}", "grid keys (name, base, methods, batch_sizes, seeds, ...)")
@@ -204,17 +226,25 @@ def load_grid(
         block_set = {**(data.get("set") or {}), **(block.get("set") or {})}
         entries = _method_entries(spec.get("methods") or [base.get("method", "ssgd")], where)
         sizes = spec.get("batch_sizes") or [None]
-        block_seeds = seeds if seeds is not None else (spec.get("seeds") if spec.get("seeds") is not None else [base.get("seed", 0)])
+        block_seeds = (
+            seeds
+            if seeds is not None
+            else (spec.get("seeds") if spec.get("seeds") is not None else [base.get("seed", 0)])
+        )
         vary = spec.get("vary") or {}
         if not isinstance(vary, dict) or any(not isinstance(v, list) or not v for v in vary.values()):
             raise ConfigError(f"{where}: vary must map dotted keys to non-empty lists of values")
         batch_set = spec.get("batch_set") or {}
-        for entry, batch, combo, seed in itertools.product(entries, sizes, itertools.product(*vary.values()), block_seeds):
+        for entry, batch, combo, seed in itertools.product(
+            entries, sizes, itertools.product(*vary.values()), block_seeds
+        ):
             varied = dict(zip(vary.keys(), combo))
             cfg_data = copy.deepcopy(base)
             _apply_mapping(cfg_data, block_set, f"{where}: set")
             if batch is not None:
-                _apply_mapping(cfg_data, batch_set.get(batch) or batch_set.get(str(batch)), f"{where}: batch_set[{batch}]")
+                _apply_mapping(
+                    cfg_data, batch_set.get(batch) or batch_set.get(str(batch)), f"{where}: batch_set[{batch}]"
+                )
             _apply_mapping(cfg_data, entry["set"], f"{where}: methods[{entry['method']}].set")
             for assignment in overrides or []:
                 apply_override(cfg_data, assignment)
@@ -232,14 +262,20 @@ def load_grid(
             suffix = "".join(f"-{k.rsplit('.', 1)[-1]}{_value_text(v)}" for k, v in varied.items())
             if varied:
                 label += " " + ",".join(f"{k.rsplit('.', 1)[-1]}={_value_text(v)}" for k, v in varied.items())
-            run_name = _slug(f"{entry['label'] or default_label(cfg.to_dict())}-b{cfg.data.batch_size}{suffix}-s{cfg.seed}")
+            run_name = _slug(
+                f"{entry['label'] or default_label(cfg.to_dict())}-b{cfg.data.batch_size}{suffix}-s{cfg.seed}"
+            )
             cell = Cell(run_name, label, cfg.method, cfg.data.batch_size, cfg.seed, varied, cfg)
             if run_name in cells and cells[run_name].cfg != cfg:
-                raise ConfigError(f"{where}: two different runs would share the directory name {run_name}; give one a distinct label")
+                raise ConfigError(
+                    f"{where}: two different runs would share the directory name {run_name}; give one a distinct label"
+                )
             cells[run_name] = cell
     selected = list(cells.values())
     if methods:
-        selected = [c for c in selected if any(fnmatch.fnmatch(c.label, m) or fnmatch.fnmatch(c.method, m) for m in methods)]
+        selected = [
+            c for c in selected if any(fnmatch.fnmatch(c.label, m) or fnmatch.fnmatch(c.method, m) for m in methods)
+        ]
     if batch_sizes:
         selected = [c for c in selected if c.batch_size in batch_sizes]
     if not selected:
@@ -251,8 +287,15 @@ def load_grid(
         opts = None if flat is None else FlatnessOptions.from_dict(flat)
     except ConfigError as exc:
         raise ConfigError(f"sweep {source}: {exc}") from None
-    return Grid(name, selected, opts, source=source, description=str(data.get("description") or ""),
-                flatness_seeds=flat_seeds, landscape_2d_seeds=land_seeds)  # fmt: skip
+    return Grid(
+        name,
+        selected,
+        opts,
+        source=source,
+        description=str(data.get("description") or ""),
+        flatness_seeds=flat_seeds,
+        landscape_2d_seeds=land_seeds,
+    )
 
 
 # -- run state ---------------------------------------------------------------------------------------
@@ -346,7 +389,10 @@ def run_local(grid: Grid, out: Path, workers: int = 1, flatness: bool = True, lo
         if status in ("done", "diverged"):
             log(f"[{i}/{todo}] {cell.name}: {status}, skipped")
         elif status == "conflict":
-            log(f"[{i}/{todo}] {cell.name}: {run_dir} holds a run with a different configuration; move it away or use another --out")
+            log(
+                f"[{i}/{todo}] {cell.name}: {run_dir} holds a run with a different configuration; "
+                "move it away or use another --out"
+            )
         else:
             log(f"[{i}/{todo}] {cell.name}: {'resuming' if status == 'partial' else 'training'}")
             _write_info(run_dir, cell.info(grid.name))
@@ -418,8 +464,16 @@ def run_ray(
         _write_info(run_dir, cell.info(grid.name))
         opts = grid.flatness_for(cell) if flatness else None
         where = RunLocation(_slug(f"{grid.name}-{cell.name}"), storage, str(run_dir))
-        trainer = build_trainer(cell.cfg, where, num_workers=workers, use_gpu=use_gpu, max_failures=max_failures,
-                                num_to_keep=1, flatness=opts, diverged_as_status=True)  # fmt: skip
+        trainer = build_trainer(
+            cell.cfg,
+            where,
+            num_workers=workers,
+            use_gpu=use_gpu,
+            max_failures=max_failures,
+            num_to_keep=1,
+            flatness=opts,
+            diverged_as_status=True,
+        )
         start = time.perf_counter()
         try:
             result = trainer.fit()
@@ -450,7 +504,12 @@ def run_sweep(
     """Run (or resume) every cell, then write ``OUT/report``; returns the statuses and the report path."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    (out / "grid.json").write_text(json.dumps({"name": grid.name, "source": grid.source, "cells": [c.info(grid.name) for c in grid.cells]}, indent=1) + "\n")
+    (out / "grid.json").write_text(
+        json.dumps(
+            {"name": grid.name, "source": grid.source, "cells": [c.info(grid.name) for c in grid.cells]}, indent=1
+        )
+        + "\n"
+    )
     if ray_address:
         statuses = run_ray(grid, out, ray_address, workers=workers, flatness=flatness, log=log, **ray_kwargs)
     else:
@@ -467,5 +526,7 @@ def run_sweep(
 def describe(grid: Grid, out: Path) -> str:
     lines = [f"grid {grid.name} ({grid.source}): {len(grid.cells)} run(s) -> {out}"]
     for cell in grid.cells:
-        lines.append(f"  {cell.name:40s} {run_status(Path(out) / cell.name, cell.cfg):9s} steps={planned_steps(cell.cfg)}")
+        lines.append(
+            f"  {cell.name:40s} {run_status(Path(out) / cell.name, cell.cfg):9s} steps={planned_steps(cell.cfg)}"
+        )
     return "\n".join(lines)

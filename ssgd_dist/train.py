@@ -28,8 +28,8 @@ from .backends import build_backend, check_launch
 from .bn import recalibrate_bn
 from .checkpoint import load_checkpoint_file, load_latest, save_checkpoint
 from .config import Config, dump_config
-from .errors import ConfigError, NonFiniteError
 from .data import Dataset, GlobalBatches, augment_images, load_dataset
+from .errors import ConfigError, NonFiniteError
 from .methods import build_method
 from .metrics import MetricsWriter
 from .models import build_model
@@ -136,9 +136,18 @@ class Trainer:
         model = self.backend.model
         was_training = model.training
         if self.cfg.train.bn_recalibrate:
-            recalibrate_bn(model, self.data.x_train, self.cfg.train.bn_recalibrate_samples, self.cfg.data.eval_batch_size, self.cfg.seed)
+            recalibrate_bn(
+                model,
+                self.data.x_train,
+                self.cfg.train.bn_recalibrate_samples,
+                self.cfg.data.eval_batch_size,
+                self.cfg.seed,
+            )
         model.eval()
-        x_all, y_all = self.data.x_test[self.ctx.rank :: self.ctx.world_size], self.data.y_test[self.ctx.rank :: self.ctx.world_size]
+        x_all, y_all = (
+            self.data.x_test[self.ctx.rank :: self.ctx.world_size],
+            self.data.y_test[self.ctx.rank :: self.ctx.world_size],
+        )
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
         for start in range(0, len(y_all), self.cfg.data.eval_batch_size):
             x = x_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
@@ -191,7 +200,10 @@ class Trainer:
                     # GradScaler overflows are part of normal fp16 training; there only a run of them means divergence.
                     counted = streak if self.backend.scaler is not None else self.skipped
                     if counted > cfg.train.max_skips:
-                        raise NonFiniteError(f"{counted} steps skipped for non-finite gradients (train.max_skips = {cfg.train.max_skips})")
+                        raise NonFiniteError(
+                            f"{counted} steps skipped for non-finite gradients "
+                            f"(train.max_skips = {cfg.train.max_skips})"
+                        )
                 else:
                     streak = 0
                 self.step += 1
@@ -207,7 +219,9 @@ class Trainer:
                 }
                 log.add(record, result.skipped)
                 epoch_end = self.step % spe == 0
-                evaluate = (epoch_end and (self.step // spe) % cfg.train.eval_every == 0) or self.step == self.total_steps
+                evaluate = (
+                    epoch_end and (self.step // spe) % cfg.train.eval_every == 0
+                ) or self.step == self.total_steps
                 every = cfg.train.checkpoint_every
                 checkpoint = (self.step % every == 0 if every else epoch_end) or self.step == self.total_steps
                 if evaluate or checkpoint or len(log) >= cfg.train.log_every:
@@ -271,7 +285,9 @@ class StepLog:
     def read(self) -> None:
         """Floats for every pending record (one host sync); at a non-finite gradient norm of a step that
         was not skipped, write the records before it and raise."""
-        values = iter(read_scalars([v for record, _ in self.pending for v in (record["train_loss"], record["grad_norm"])]))
+        values = iter(
+            read_scalars([v for record, _ in self.pending for v in (record["train_loss"], record["grad_norm"])])
+        )
         for i, (record, skipped) in enumerate(self.pending):
             record["train_loss"], record["grad_norm"] = next(values), next(values)
             norm = record["grad_norm"]
@@ -311,7 +327,9 @@ def read_scalars(values: list[torch.Tensor | float | None]) -> list[float | None
     return [next(read) if isinstance(v, torch.Tensor) else None if v is None else float(v) for v in values]
 
 
-def train(cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None) -> dict[str, Any]:
+def train(
+    cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None
+) -> dict[str, Any]:
     """Set up the process group (unless the launcher did), train, and always tear down."""
     ctx = distributed.setup(cfg.device)
     try:

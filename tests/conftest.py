@@ -21,25 +21,48 @@ def data_cache(tmp_path_factory):
 
 
 TINY = [
-    "--set", "data.num_samples=2000", "--set", "data.batch_size=200", "--set", "model.hidden=[32,32]",
-    "--set", "train.progress=false", "--set", "train.num_threads=1",
-]  # fmt: skip
+    "--set",
+    "data.num_samples=2000",
+    "--set",
+    "data.batch_size=200",
+    "--set",
+    "model.hidden=[32,32]",
+    "--set",
+    "train.progress=false",
+    "--set",
+    "train.num_threads=1",
+]
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "ssgd_dist.cli", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env={**os.environ, **(env or {})},
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def run_torchrun(nproc: int, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         "-m", "ssgd_dist.cli", *args],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            "-m",
+            "ssgd_dist.cli",
+            *args,
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
         env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})},
-    )  # fmt: skip
+    )
 
 
 def final_params(run_dir: Path) -> dict:

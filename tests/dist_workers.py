@@ -46,11 +46,13 @@ def count_comm(rank: int, world_size: int, port: int, out: str, variants: list[l
         flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world_size)]
         dist.all_gather(gathered, flat)
-        results.append({
-            "overrides": overrides,
-            "bytes_per_step": per_step,
-            "identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
-        })  # fmt: skip
+        results.append(
+            {
+                "overrides": overrides,
+                "bytes_per_step": per_step,
+                "identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+            }
+        )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
     dist.destroy_process_group()

@@ -103,9 +103,17 @@ class RayCluster:
         ``ray job submit`` exits 0 only if the job SUCCEEDED; its output holds the job's logs.
         """
         cmd = [
-            ray_cli(), "job", "submit", "--address", self.dashboard_url, "--working-dir", str(working_dir),
-            *(submit_args or []), "--", *entrypoint,
-        ]  # fmt: skip
+            ray_cli(),
+            "job",
+            "submit",
+            "--address",
+            self.dashboard_url,
+            "--working-dir",
+            str(working_dir),
+            *(submit_args or []),
+            "--",
+            *entrypoint,
+        ]
         return subprocess.run(
             cmd, env=self.env if env is None else env, capture_output=True, text=True, timeout=timeout, cwd=working_dir
         )
@@ -202,16 +210,30 @@ def start_cluster(
     base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{base.get('PATH', '')}"
     (gcs, dash, client, agent_http, agent_grpc, runtime_env, metrics, node_mgr, obj_mgr) = free_ports(9)
     cmd = [
-        ray_cli(), "start", "--head", "--block", "--disable-usage-stats",
-        f"--num-cpus={num_cpus}", f"--num-gpus={num_gpus}",
-        "--node-ip-address=127.0.0.1", f"--port={gcs}",
-        "--include-dashboard=true", "--dashboard-host=127.0.0.1", f"--dashboard-port={dash}",
-        f"--ray-client-server-port={client}", f"--dashboard-agent-listen-port={agent_http}",
-        f"--dashboard-agent-grpc-port={agent_grpc}", f"--runtime-env-agent-port={runtime_env}",
-        f"--metrics-export-port={metrics}", f"--node-manager-port={node_mgr}",
-        f"--object-manager-port={obj_mgr}", "--min-worker-port=0", "--max-worker-port=0",
-        f"--temp-dir={temp_dir}", "--object-store-memory=200000000",
-    ]  # fmt: skip
+        ray_cli(),
+        "start",
+        "--head",
+        "--block",
+        "--disable-usage-stats",
+        f"--num-cpus={num_cpus}",
+        f"--num-gpus={num_gpus}",
+        "--node-ip-address=127.0.0.1",
+        f"--port={gcs}",
+        "--include-dashboard=true",
+        "--dashboard-host=127.0.0.1",
+        f"--dashboard-port={dash}",
+        f"--ray-client-server-port={client}",
+        f"--dashboard-agent-listen-port={agent_http}",
+        f"--dashboard-agent-grpc-port={agent_grpc}",
+        f"--runtime-env-agent-port={runtime_env}",
+        f"--metrics-export-port={metrics}",
+        f"--node-manager-port={node_mgr}",
+        f"--object-manager-port={obj_mgr}",
+        "--min-worker-port=0",
+        "--max-worker-port=0",
+        f"--temp-dir={temp_dir}",
+        "--object-store-memory=200000000",
+    ]
     log_path = Path(log_dir or temp_dir) / "ray-start.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "wb") as log:

@@ -15,16 +15,45 @@ from ssgd_dist.cli import main
 from ssgd_dist.noise import Perturber, draw_noise, noise_generator
 
 RESULT_FIELDS = {
-    "method", "batch_split", "step_time_s", "ratio_step_time", "ratio_step_time_ga2", "comm_bytes_per_step",
-    "ratio_comm_bytes", "extra_memory_params", "noise_fraction", "samples_per_s", "peak_memory_bytes",
-}  # fmt: skip
+    "method",
+    "batch_split",
+    "step_time_s",
+    "ratio_step_time",
+    "ratio_step_time_ga2",
+    "comm_bytes_per_step",
+    "ratio_comm_bytes",
+    "extra_memory_params",
+    "noise_fraction",
+    "samples_per_s",
+    "peak_memory_bytes",
+}
 
 
 @pytest.mark.distributed
 def test_bench_runs_end_to_end_and_reports_every_field(tmp_path, capsys):
     out = tmp_path / "bench.json"
-    rc = main(["bench", "--model", "mlp", "--batch-size", "16", "--world-size", "2", "--steps", "2", "--warmup", "1",
-               "--burst", "2", "--threads", "1", "--project", "--json", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "mlp",
+            "--batch-size",
+            "16",
+            "--world-size",
+            "2",
+            "--steps",
+            "2",
+            "--warmup",
+            "1",
+            "--burst",
+            "2",
+            "--threads",
+            "1",
+            "--project",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "ssgd-halves" in printed and "PROJECTION" in printed and "MODEL, not a measurement" in printed
@@ -33,7 +62,16 @@ def test_bench_runs_end_to_end_and_reports_every_field(tmp_path, capsys):
         assert key in report
     assert (report["model"], report["world_size"], report["batch_size"], report["burst"]) == ("mlp", 2, 16, 2)
     by = {r["variant"]: r for r in report["results"]}
-    assert set(by) == {"sgd", "sgd-ga2", "ssgd-halves", "ssgd-paired", "ssgd-full", "ssgd-halves-regenerate", "ssgd-naive", "sam"}
+    assert set(by) == {
+        "sgd",
+        "sgd-ga2",
+        "ssgd-halves",
+        "ssgd-paired",
+        "ssgd-full",
+        "ssgd-halves-regenerate",
+        "ssgd-naive",
+        "sam",
+    }
     for r in report["results"]:
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)
         assert r["step_time_s"] > 0 and 0 <= r["noise_fraction"] < 1
@@ -69,8 +107,28 @@ def test_bench_runs_end_to_end_and_reports_every_field(tmp_path, capsys):
 
 def test_bench_runs_one_rank_in_process_and_says_what_it_skipped(tmp_path):
     out = tmp_path / "one.json"
-    rc = main(["bench", "--model", "cnn1d", "--batch-size", "8", "--world-size", "1", "--steps", "1", "--warmup", "0",
-               "--threads", "1", "--variants", "ssgd-halves,ssgd-paired", "--no-memory", "--json", str(out)])  # fmt: skip
+    rc = main(
+        [
+            "bench",
+            "--model",
+            "cnn1d",
+            "--batch-size",
+            "8",
+            "--world-size",
+            "1",
+            "--steps",
+            "1",
+            "--warmup",
+            "0",
+            "--threads",
+            "1",
+            "--variants",
+            "ssgd-halves,ssgd-paired",
+            "--no-memory",
+            "--json",
+            str(out),
+        ]
+    )
     assert rc == 0
     report = json.loads(out.read_text())
     assert [r["variant"] for r in report["results"]] == ["sgd", "ssgd-halves"]  # sgd always, the reference
@@ -98,7 +156,9 @@ def test_ring_allreduce_cost_by_hand():
 
 def test_projection_table_by_hand():
     # 100 MB of gradient, 10 GB/s, 100 us per call, 4 calls, no overlap; compute 50 ms (sgd), 52 ms (ssgd).
-    p = projection({"sgd": 0.050, "ssgd": 0.052}, 100e6, calls=4, bandwidth_gbs=10, latency_us=100, overlap=0.0, gpus=(8, 1024))
+    p = projection(
+        {"sgd": 0.050, "ssgd": 0.052}, 100e6, calls=4, bandwidth_gbs=10, latency_us=100, overlap=0.0, gpus=(8, 1024)
+    )
     ar8 = 4 * 100e-6 + 2 * 7 / 8 * 100e6 / 10e9  # 0.0179 s
     row = p["rows"][0]
     assert row["gpus"] == 8
@@ -132,7 +192,9 @@ def test_regenerate_mode_draws_the_same_noise_and_restores_within_rounding(distr
     a.reflect()
     b.reflect()
     for p, q, t, n in zip(copy_mode, regen, w, noise):  # both at w - n, to rounding
-        torch.testing.assert_close(q, t - n, rtol=0, atol=4 * torch.finfo(t.dtype).eps * float((t.abs() + n.abs()).max()))
+        tolerance = 4 * torch.finfo(t.dtype).eps * float((t.abs() + n.abs()).max())
+        torch.testing.assert_close(p, t - n, rtol=0, atol=tolerance)
+        torch.testing.assert_close(q, t - n, rtol=0, atol=tolerance)
     a.restore()
     b.restore()
     for p, q, t, n in zip(copy_mode, regen, w, noise):
@@ -149,7 +211,9 @@ def test_the_accelerator_path_one_sign_draw_and_one_kernel_per_tensor_gives_the_
     kernel per tensor; forced here on the CPU, where both paths must agree bit for bit."""
     results = {}
     for batched in (False, True):
-        monkeypatch.setattr(noise, "batched_signs", lambda ws, distribution, b=batched: b and distribution == "rademacher")
+        monkeypatch.setattr(
+            noise, "batched_signs", lambda ws, distribution, b=batched: b and distribution == "rademacher"
+        )
         w = _params()
         pert = Perturber(w, restore=mode)
         trace = []

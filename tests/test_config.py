@@ -75,8 +75,21 @@ def test_overrides_parse_yaml_values():
 
 def test_resuming_a_run_dir_with_another_config_is_refused(tmp_path):
     run_dir = tmp_path / "run"
-    args = ["train", "--config", "quickstart", "--set", "train.max_steps=2", "--set", "data.num_samples=1000",
-            "--set", "data.batch_size=100", "--set", "train.progress=false", "--run-dir", str(run_dir)]  # fmt: skip
+    args = [
+        "train",
+        "--config",
+        "quickstart",
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "data.num_samples=1000",
+        "--set",
+        "data.batch_size=100",
+        "--set",
+        "train.progress=false",
+        "--run-dir",
+        str(run_dir),
+    ]
     assert main(args) == 0
     before = sorted(p.name for p in run_dir.rglob("*"))
     result = run_cli(*args, "--set", "noise.alpha=0.5")
@@ -106,8 +119,18 @@ def test_bad_command_lines_exit_2(argv, must_mention, capsys):
 def test_batch_that_does_not_split_over_ranks_and_halves_is_refused_under_torchrun(tmp_path):
     from tests.conftest import run_torchrun
 
-    result = run_torchrun(2, "train", "--config", "quickstart", "--set", "data.batch_size=202", "--set",
-                          "data.num_samples=1000", "--run-dir", str(tmp_path / "run"))  # fmt: skip
+    result = run_torchrun(
+        2,
+        "train",
+        "--config",
+        "quickstart",
+        "--set",
+        "data.batch_size=202",
+        "--set",
+        "data.num_samples=1000",
+        "--run-dir",
+        str(tmp_path / "run"),
+    )
     assert result.returncode != 0
     worker_errors = [line for line in result.stderr.splitlines() if line.startswith("ssgd-dist: error:")]
     assert len(worker_errors) == 1 and "multiple of 2 x 2 ranks = 4" in worker_errors[0]

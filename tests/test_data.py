@@ -14,7 +14,10 @@ def test_global_batches_do_not_depend_on_the_number_of_ranks():
     for step in (0, 4, 5, 17):  # across epoch boundaries
         parts = [GlobalBatches(1000, 200, seed=3, rank=r, world_size=4).local_indices(step) for r in range(4)]
         assert torch.equal(torch.cat(parts), one.local_indices(step))
-        plus_one, plus_four = select_part(one.local_indices(step), "even"), torch.cat([select_part(p, "even") for p in parts])
+        plus_one, plus_four = (
+            select_part(one.local_indices(step), "even"),
+            torch.cat([select_part(p, "even") for p in parts]),
+        )
         assert set(plus_one.tolist()) == set(plus_four.tolist())  # the w+n set is the same for 1 and 4 ranks
 
 

@@ -51,7 +51,16 @@ def test_replicas_stay_bitwise_identical_with_batchnorm(comm_results):
 
 @pytest.mark.parametrize("split", ["halves", "full"])
 def test_two_ranks_equal_one_rank_with_the_same_global_batch(tmp_path, split):
-    args = ["train", "--config", "quickstart", *TINY, "--set", "train.max_steps=8", "--set", f"ssgd.batch_split={split}"]
+    args = [
+        "train",
+        "--config",
+        "quickstart",
+        *TINY,
+        "--set",
+        "train.max_steps=8",
+        "--set",
+        f"ssgd.batch_split={split}",
+    ]
     one = run_cli(*args, "--run-dir", str(tmp_path / "one"))
     two = run_torchrun(2, *args, "--run-dir", str(tmp_path / "two"))
     assert one.returncode == 0, one.stderr

@@ -45,13 +45,22 @@ def mean_loss(out, y):
 def _oracle(hessian, seed=0, dtype=torch.float64):
     """Float64 where only Hessian-vector products are involved; the weight-noise code works in float32."""
     gen = torch.Generator().manual_seed(seed)
-    model = Quadratic(hessian, torch.randn(8, generator=gen, dtype=torch.float64), torch.randn(8, generator=gen, dtype=torch.float64), dtype)
+    model = Quadratic(
+        hessian,
+        torch.randn(8, generator=gen, dtype=torch.float64),
+        torch.randn(8, generator=gen, dtype=torch.float64),
+        dtype,
+    )
     x, y = torch.zeros(6, 1), torch.zeros(6)
     return model, LossOracle(model, x, y, mean_loss, batch_size=4)  # two chunks: 4 + 2 samples
 
 
 def _rotated(eigenvalues, seed=0):
-    q, _ = torch.linalg.qr(torch.randn(len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    q, _ = torch.linalg.qr(
+        torch.randn(
+            len(eigenvalues), len(eigenvalues), generator=torch.Generator().manual_seed(seed), dtype=torch.float64
+        )
+    )
     return q @ torch.diag(torch.tensor(eigenvalues, dtype=torch.float64)) @ q.T
 
 
@@ -88,8 +97,16 @@ def test_hessian_trace_of_a_quadratic():
 def test_top_eigenvalue_and_trace_on_a_diagonal_quadratic_through_measure():
     d = torch.tensor([4.0, 1.0, 0.5, 0.5, 0.2, 0.1, 2.0, 0.3], dtype=torch.float64)
     model, _ = _oracle(torch.diag(d), dtype=torch.float32)
-    opts = FlatnessOptions(radii=(0.1,), draws=2, distribution="rademacher", power_iters=200, power_tol=1e-10,
-                           hutchinson=5, landscape_1d=0, landscape_2d=0)  # fmt: skip
+    opts = FlatnessOptions(
+        radii=(0.1,),
+        draws=2,
+        distribution="rademacher",
+        power_iters=200,
+        power_tol=1e-10,
+        hutchinson=5,
+        landscape_1d=0,
+        landscape_2d=0,
+    )
     result = measure(model, torch.zeros(6, 1), torch.zeros(6), opts, loss_fn=mean_loss)
     assert abs(result["hessian"]["top_eigenvalue"] - 4.0) < 1e-3
     assert abs(result["hessian"]["trace"] - float(d.sum())) < 1e-3
@@ -122,7 +139,9 @@ def test_filter_normalized_direction():
         if p.ndim <= 1:
             assert torch.count_nonzero(d) == 0  # biases and BatchNorm: no direction (Li et al.'s ignore biasbn)
         else:
-            torch.testing.assert_close(d.reshape(p.shape[0], -1).norm(dim=1), p.detach().reshape(p.shape[0], -1).norm(dim=1))
+            torch.testing.assert_close(
+                d.reshape(p.shape[0], -1).norm(dim=1), p.detach().reshape(p.shape[0], -1).norm(dim=1)
+            )
 
 
 def test_landscape_centre_is_the_loss_and_weights_come_back(tmp_path):
@@ -138,10 +157,17 @@ def test_landscape_centre_is_the_loss_and_weights_come_back(tmp_path):
     assert two["loss"][1][1] == pytest.approx(oracle.loss(), rel=1e-6)
     for p, b in zip(model.parameters(), before):
         assert torch.equal(p.detach(), b)
-    result = measure(model, x, y, FlatnessOptions(radii=(0.05, 0.1), draws=2, power_iters=10, hutchinson=3, landscape_1d=5, landscape_2d=3))
+    result = measure(
+        model,
+        x,
+        y,
+        FlatnessOptions(radii=(0.05, 0.1), draws=2, power_iters=10, hutchinson=3, landscape_1d=5, landscape_2d=3),
+    )
     assert result["acc"] is not None and result["samples"] == 40
     path = write_outputs(result, tmp_path / "flat", title="tiny")
-    assert json.loads(path.read_text())["hessian"]["top_eigenvalue"] == pytest.approx(result["hessian"]["top_eigenvalue"])
+    assert json.loads(path.read_text())["hessian"]["top_eigenvalue"] == pytest.approx(
+        result["hessian"]["top_eigenvalue"]
+    )
     import matplotlib.image
 
     for name in ("perturbation.png", "landscape_1d.png", "landscape_2d.png"):
@@ -154,7 +180,9 @@ def _tiny_problem():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(6, 12), nn.Tanh(), nn.Linear(12, 3))
     x, y = torch.randn(64, 6), torch.randint(0, 3, (64,))
-    opts = FlatnessOptions(radii=(0.05, 0.2), draws=3, power_iters=30, power_tol=0.0, hutchinson=4, landscape_1d=3, landscape_2d=0)
+    opts = FlatnessOptions(
+        radii=(0.05, 0.2), draws=3, power_iters=30, power_tol=0.0, hutchinson=4, landscape_1d=3, landscape_2d=0
+    )
     return model, x, y, opts
 
 

@@ -64,7 +64,9 @@ def expected_grad(model, method, split):
     return {k: (gp[k] + gm[k]) / 2 for k in gp}
 
 
-@pytest.mark.parametrize("method, split", [("sgd", None), ("ssgd", "halves"), ("ssgd", "full"), ("gni", None), ("smoothout", None)])
+@pytest.mark.parametrize(
+    "method, split", [("sgd", None), ("ssgd", "halves"), ("ssgd", "full"), ("gni", None), ("smoothout", None)]
+)
 def test_step_applies_the_methods_gradient_from_w(method, split):
     model = tiny_model()
     reference = copy.deepcopy(model)
@@ -115,6 +117,8 @@ def test_full_split_updates_batchnorm_statistics_once_and_halves_twice():
     for split in ("full", "halves"):
         model = bn_model()
         cfg = Config(method="ssgd", ssgd={"batch_split": split})
-        LocalBackend(model, torch.optim.SGD(model.parameters(), lr=0.1)).train_step(build_method(cfg, model), *batch(), 0)
+        LocalBackend(model, torch.optim.SGD(model.parameters(), lr=0.1)).train_step(
+            build_method(cfg, model), *batch(), 0
+        )
         counts[split] = int(model[1].num_batches_tracked)
     assert counts == {"full": 1, "halves": 2}

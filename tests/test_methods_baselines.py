@@ -18,8 +18,8 @@ import torch
 from torch import nn
 
 from ssgd_dist.backends.local import LocalBackend
-from ssgd_dist.config import Config
 from ssgd_dist.bn import recalibrate_bn
+from ssgd_dist.config import Config
 from ssgd_dist.methods import build_method
 from ssgd_dist.noise import draw_noise, noise_generator, select_targets
 
@@ -145,7 +145,11 @@ def _one_step(method: str, split: str = "halves"):
 
 def _noise_on_first_layer(ref, cfg):
     targets = select_targets(ref, cfg.noise.targets)
-    noise = list(draw_noise(targets, cfg.noise.distribution, cfg.noise.scale, cfg.noise.alpha, noise_generator(cfg.seed, STEP, "cpu")))
+    noise = list(
+        draw_noise(
+            targets, cfg.noise.distribution, cfg.noise.scale, cfg.noise.alpha, noise_generator(cfg.seed, STEP, "cpu")
+        )
+    )
     return noise[0]  # model[0].weight is the first target
 
 
@@ -202,11 +206,24 @@ def test_train_bn_recalibrate_evaluates_with_statistics_at_w(tmp_path):
     from ssgd_dist.train import train
 
     def cfg(recal: bool):
-        return validate({
-            "method": "ssgd", "device": "cpu", "model": {"name": "cnn1d"}, "data": {"name": "synthetic", "batch_size": 64, "eval_batch_size": 1638},
-            "optim": {"lr": 0.05}, "noise": {"alpha": 0.5},
-            "train": {"epochs": 1, "max_steps": 6, "progress": False, "num_threads": 1, "bn_recalibrate": recal, "bn_recalibrate_samples": 100000},
-        })  # fmt: skip
+        return validate(
+            {
+                "method": "ssgd",
+                "device": "cpu",
+                "model": {"name": "cnn1d"},
+                "data": {"name": "synthetic", "batch_size": 64, "eval_batch_size": 1638},
+                "optim": {"lr": 0.05},
+                "noise": {"alpha": 0.5},
+                "train": {
+                    "epochs": 1,
+                    "max_steps": 6,
+                    "progress": False,
+                    "num_threads": 1,
+                    "bn_recalibrate": recal,
+                    "bn_recalibrate_samples": 100000,
+                },
+            }
+        )
 
     stats = {}
     for recal in (False, True):

@@ -54,7 +54,9 @@ def test_sphere_has_fixed_norm():
 
 @pytest.mark.parametrize("distribution, bound", [("gaussian", None), ("uniform", math.sqrt(3))])
 def test_gaussian_and_uniform_have_unit_variance(distribution, bound):
-    xi = unit_noise(torch.Size([200_000]), distribution, noise_generator(1, 2, "cpu"), torch.float32, torch.device("cpu"))
+    xi = unit_noise(
+        torch.Size([200_000]), distribution, noise_generator(1, 2, "cpu"), torch.float32, torch.device("cpu")
+    )
     assert abs(float(xi.mean())) < 0.01
     assert abs(float(xi.var()) - 1.0) < 0.02
     if bound is not None:
@@ -90,7 +92,9 @@ def test_perturb_reflect_restore_is_bit_exact(dtype):
     plus = [p.clone() for p in params]
     pert.reflect()
     for p, w, q in zip(params, before, plus):  # w - n mirrors w + n through w
-        assert torch.allclose((p.float() + q.float()) / 2, w.float(), atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6)
+        assert torch.allclose(
+            (p.float() + q.float()) / 2, w.float(), atol=1e-2 if dtype in (torch.bfloat16, torch.float16) else 1e-6
+        )
     pert.restore()
     for p, w in zip(params, before):
         assert torch.equal(p, w)

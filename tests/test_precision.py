@@ -60,10 +60,13 @@ def hand_ssgd_grad(model: nn.Module, x: torch.Tensor, y: torch.Tensor, step: int
     of magnitude alpha * rms(w) on the kernels, the even half at w + n, the odd half at w - n."""
     gen = torch.Generator().manual_seed(step_seed(SEED, step))
     noise = [
-        ALPHA * w.detach().pow(2).mean().sqrt() * (torch.randint(0, 2, w.shape, generator=gen, dtype=torch.int8).float() * 2 - 1)
-        if w.ndim >= 2 else torch.zeros_like(w)
+        ALPHA
+        * w.detach().pow(2).mean().sqrt()
+        * (torch.randint(0, 2, w.shape, generator=gen, dtype=torch.int8).float() * 2 - 1)
+        if w.ndim >= 2
+        else torch.zeros_like(w)
         for w in model.parameters()
-    ]  # fmt: skip
+    ]
     grads = []
     for sign, part in ((1, slice(0, None, 2)), (-1, slice(1, None, 2))):
         m = copy.deepcopy(model)
@@ -99,8 +102,13 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     for precision in ("fp16", "bf16", "fp32"):
         for bad_pass in (0, 1):
             model = tiny_model()
-            backend = DDPBackend(model, torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9), precision=precision,
-                                 clip_grad_norm=1.0, on_nonfinite="skip")  # fmt: skip
+            backend = DDPBackend(
+                model,
+                torch.optim.SGD(model.parameters(), lr=LR, momentum=0.9),
+                precision=precision,
+                clip_grad_norm=1.0,
+                on_nonfinite="skip",
+            )
             method = build_method(Config(method="ssgd", seed=SEED), model, rank, world_size)
             first = backend.train_step(method, x, y, 0)  # a normal step: momentum exists now
             weights = [p.detach().clone() for p in model.parameters()]
@@ -115,22 +123,33 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
 
             bad = backend.train_step(method, x, y, 1, loss_fn=poisoned)
             untouched = all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)) and all(
-                torch.equal(backend.optimizer.state[p]["momentum_buffer"], m) for p, m in zip(model.parameters(), momentum)
+                torch.equal(backend.optimizer.state[p]["momentum_buffer"], m)
+                for p, m in zip(model.parameters(), momentum)
             )
             after = backend.train_step(method, x, y, 2)
-            report["overflow"] += every_rank({
-                "precision": precision, "bad_pass": bad_pass, "first_skipped": first.skipped, "skipped": bad.skipped,
-                "untouched": untouched, "next_skipped": after.skipped,
-                "moved_after": not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)),
-                "scale_before": scale, "scale_after": backend.scaler.get_scale() if backend.scaler else None,
-                "replicas_equal": gathered_equal(_flat(model.parameters())), "rank": rank,
-            })  # fmt: skip
+            report["overflow"] += every_rank(
+                {
+                    "precision": precision,
+                    "bad_pass": bad_pass,
+                    "first_skipped": first.skipped,
+                    "skipped": bad.skipped,
+                    "untouched": untouched,
+                    "next_skipped": after.skipped,
+                    "moved_after": not all(torch.equal(p, w) for p, w in zip(model.parameters(), weights)),
+                    "scale_before": scale,
+                    "scale_after": backend.scaler.get_scale() if backend.scaler else None,
+                    "replicas_equal": gathered_equal(_flat(model.parameters())),
+                    "rank": rank,
+                }
+            )
 
     # 2. Clipping: once per step, on the synchronized (all-reduced) gradient; fp16 unscales once first.
     for precision in ("fp32", "fp16"):
         model = tiny_model()
         reference = copy.deepcopy(model)
-        backend = DDPBackend(model, torch.optim.SGD(model.parameters(), lr=LR), precision=precision, clip_grad_norm=MAX_NORM)
+        backend = DDPBackend(
+            model, torch.optim.SGD(model.parameters(), lr=LR), precision=precision, clip_grad_norm=MAX_NORM
+        )
         method = build_method(Config(method="ssgd", seed=SEED), model, rank, world_size)
         seen, unscales = [], {"n": 0}
         original_clip = torch.nn.utils.clip_grad_norm_
@@ -159,14 +178,22 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         clipped = want * min(1.0, MAX_NORM / float(want.norm()))
         expected_weights = _flat(reference.parameters()) - LR * clipped
         got = seen[0][0] if seen else torch.zeros(0)
-        report["clip"] += every_rank({
-            "precision": precision, "skipped": result.skipped, "calls": len(seen), "max_norm": seen[0][1] if seen else None,
-            "unscales": unscales["n"], "grad_identical_across_ranks": gathered_equal(got),
-            "grad_rel_error": float((got - want).norm() / want.norm()),
-            "clipping_active": float(want.norm()) > MAX_NORM,
-            "weights_rel_error": float((_flat(model.parameters()) - expected_weights).norm() / (LR * clipped).norm()),
-            "rank": rank,
-        })  # fmt: skip
+        report["clip"] += every_rank(
+            {
+                "precision": precision,
+                "skipped": result.skipped,
+                "calls": len(seen),
+                "max_norm": seen[0][1] if seen else None,
+                "unscales": unscales["n"],
+                "grad_identical_across_ranks": gathered_equal(got),
+                "grad_rel_error": float((got - want).norm() / want.norm()),
+                "clipping_active": float(want.norm()) > MAX_NORM,
+                "weights_rel_error": float(
+                    (_flat(model.parameters()) - expected_weights).norm() / (LR * clipped).norm()
+                ),
+                "rank": rank,
+            }
+        )
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
@@ -208,7 +235,9 @@ def test_clipping_happens_once_on_the_synchronized_gradient(two_ranks):
         assert case["calls"] == 1 and case["max_norm"] == MAX_NORM, where
         assert case["grad_identical_across_ranks"], where  # after the all-reduce, not before
         fp32 = case["precision"] == "fp32"
-        assert case["grad_rel_error"] < (1e-5 if fp32 else 2e-2), where  # the mean of the ranks' S-SGD gradients, unscaled
+        assert case["grad_rel_error"] < (1e-5 if fp32 else 2e-2), (
+            where
+        )  # the mean of the ranks' S-SGD gradients, unscaled
         assert case["weights_rel_error"] < (1e-4 if fp32 else 2e-2), where  # one step with the clipped gradient
         if case["precision"] == "fp16":
             assert case["unscales"] == 1, where

@@ -6,7 +6,9 @@ from tests.conftest import run_cli
 
 
 def test_quickstart_trains_both_methods_and_writes_a_report(tmp_path):
-    result = run_cli("quickstart", "--run-dir", str(tmp_path), "--set", "train.epochs=3", "--set", "train.progress=false")
+    result = run_cli(
+        "quickstart", "--run-dir", str(tmp_path), "--set", "train.epochs=3", "--set", "train.progress=false"
+    )
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-4000:]
     assert "| sgd | 2000 |" in result.stdout and "| ssgd-halves | 2000 |" in result.stdout
     report = (tmp_path / "report" / "report.md").read_text()

@@ -20,10 +20,26 @@ ARGS = ["train", "--config", "quickstart", *TINY, "--set", "train.epochs=2", "--
 def test_elastic_torchrun_survives_a_sigkilled_worker_bit_for_bit(tmp_path):
     full = run_torchrun(2, *ARGS, "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "--max-restarts=1",
-           "-m", "ssgd_dist.cli", *ARGS, "--set", "train.crash_at_step=5", "--run-dir", str(tmp_path / "elastic")]  # fmt: skip
-    elastic = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert elastic.returncode == 0, "\n".join(l for l in elastic.stderr.splitlines() if not l.startswith("[rank"))[-5000:]
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node=2",
+        "--max-restarts=1",
+        "-m",
+        "ssgd_dist.cli",
+        *ARGS,
+        "--set",
+        "train.crash_at_step=5",
+        "--run-dir",
+        str(tmp_path / "elastic"),
+    ]
+    elastic = subprocess.run(
+        cmd, cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
+    worker_lines = [line for line in elastic.stderr.splitlines() if not line.startswith("[rank")]
+    assert elastic.returncode == 0, "\n".join(worker_lines)[-5000:]
     assert (tmp_path / "elastic" / ".crash-injected-5").exists()  # the worker really died once
     assert "resumed from" in elastic.stdout
     for name, value in final_params(tmp_path / "full").items():
@@ -128,9 +144,21 @@ def test_a_nonfinite_step_read_back_late_stops_every_rank_before_any_checkpoint_
     # The gradient norm is read every 50 steps or at a checkpoint (every 2): step 3 is bad, step 4 runs
     # on NaN weights, and the read at step 4's checkpoint stops the run before that checkpoint is written.
     # Every rank reads the same synchronised norm, so they stop together.
-    result = run_torchrun(2, *ARGS, "--set", "train.nan_at_step=3", "--set", "train.log_every=50", "--set",
-                          "train.checkpoint_every=2", "--set", "train.keep_checkpoints=10", "--run-dir", str(run_dir),
-                          timeout=120)  # fmt: skip
+    result = run_torchrun(
+        2,
+        *ARGS,
+        "--set",
+        "train.nan_at_step=3",
+        "--set",
+        "train.log_every=50",
+        "--set",
+        "train.checkpoint_every=2",
+        "--set",
+        "train.keep_checkpoints=10",
+        "--run-dir",
+        str(run_dir),
+        timeout=120,
+    )
     assert "non-finite gradient norm (nan) at step 2" in result.stderr
     # torchrun's summary: the first rank to leave exited with code 3; it terminates any still running.
     codes = re.findall(r"exitcode\s*: (-?\d+)", result.stderr)
@@ -144,9 +172,19 @@ def test_a_nonfinite_step_read_back_late_stops_every_rank_before_any_checkpoint_
 
 
 def test_a_failure_elsewhere_still_writes_the_steps_read_so_far(tmp_path):
-    cfg = load_config("quickstart", ["data.num_samples=1000", "data.batch_size=100", "model.hidden=[8]",
-                                     "train.on_nonfinite=skip", "train.max_skips=0", "train.nan_at_step=6",
-                                     "train.log_every=50", "train.progress=false"])  # fmt: skip
+    cfg = load_config(
+        "quickstart",
+        [
+            "data.num_samples=1000",
+            "data.batch_size=100",
+            "model.hidden=[8]",
+            "train.on_nonfinite=skip",
+            "train.max_skips=0",
+            "train.nan_at_step=6",
+            "train.log_every=50",
+            "train.progress=false",
+        ],
+    )
     try:
         train(cfg, tmp_path / "run")
     except Exception as exc:  # noqa: BLE001
@@ -185,9 +223,20 @@ def test_the_default_step_reads_nothing_back_to_the_host(monkeypatch):
 
 def test_nonfinite_step_is_skipped_consistently_on_every_rank(tmp_path):
     run_dir = tmp_path / "skip"
-    result = run_torchrun(2, *ARGS, "--set", "train.on_nonfinite=skip", "--set", "train.nan_at_step=3",
-                          "--set", "train.checkpoint_every=1", "--set", "train.keep_checkpoints=20",
-                          "--run-dir", str(run_dir))  # fmt: skip
+    result = run_torchrun(
+        2,
+        *ARGS,
+        "--set",
+        "train.on_nonfinite=skip",
+        "--set",
+        "train.nan_at_step=3",
+        "--set",
+        "train.checkpoint_every=1",
+        "--set",
+        "train.keep_checkpoints=20",
+        "--run-dir",
+        str(run_dir),
+    )
     assert result.returncode == 0, result.stderr
     load = lambda step: torch.load(run_dir / f"checkpoints/step-{step:08d}.pt", weights_only=True)["model"]  # noqa: E731
     before, after = load(2), load(3)
@@ -198,9 +247,18 @@ def test_nonfinite_step_is_skipped_consistently_on_every_rank(tmp_path):
 
 
 def test_too_many_skips_stop_the_run(tmp_path):
-    cfg = load_config("quickstart", ["data.num_samples=1000", "data.batch_size=100", "model.hidden=[8]",
-                                     "train.on_nonfinite=skip", "train.max_skips=0", "train.nan_at_step=1",
-                                     "train.progress=false"])  # fmt: skip
+    cfg = load_config(
+        "quickstart",
+        [
+            "data.num_samples=1000",
+            "data.batch_size=100",
+            "model.hidden=[8]",
+            "train.on_nonfinite=skip",
+            "train.max_skips=0",
+            "train.nan_at_step=1",
+            "train.progress=false",
+        ],
+    )
     try:
         train(cfg, tmp_path / "run")
     except Exception as exc:  # noqa: BLE001
@@ -218,8 +276,17 @@ def test_thousands_of_steps_do_not_grow_memory(tmp_path):
     from ssgd_dist import distributed
     from ssgd_dist.train import Trainer
 
-    cfg = load_config("quickstart", ["data.name=synthetic", "data.batch_size=64", "model.hidden=[16]",
-                                     "train.epochs=100", "train.eval_every=50", "train.progress=false"])  # fmt: skip
+    cfg = load_config(
+        "quickstart",
+        [
+            "data.name=synthetic",
+            "data.batch_size=64",
+            "model.hidden=[16]",
+            "train.epochs=100",
+            "train.eval_every=50",
+            "train.progress=false",
+        ],
+    )
     trainer = Trainer(cfg, tmp_path / "long", distributed.setup("cpu"))
     readings = []
     for step in range(3000):

@@ -26,7 +26,14 @@ seeds: [0]
 flatness: {samples: 256, radii: [0.05, 0.1], draws: 2, power_iters: 10, hutchinson: 4, landscape_1d: 5, landscape_2d: 3}
 """
 RUNS = ["sgd-b64-s0", "sgd-b128-s0", "ssgd-halves-b64-s0", "ssgd-halves-b128-s0"]
-PNGS = ["accuracy_vs_batch.png", "learning_curves.png", "sharpness_vs_accuracy.png", "perturbation.png", "landscape_1d.png", "landscape_2d.png"]
+PNGS = [
+    "accuracy_vs_batch.png",
+    "learning_curves.png",
+    "sharpness_vs_accuracy.png",
+    "perturbation.png",
+    "landscape_1d.png",
+    "landscape_2d.png",
+]
 
 
 @pytest.fixture(scope="module")
@@ -127,8 +134,28 @@ def test_report_cli_on_the_sweep_directory(swept, tmp_path):
 
 def test_flatness_cli(swept, tmp_path):
     _, out = swept
-    rc = main(["flatness", str(out / "sgd-b64-s0"), "--out", str(tmp_path / "f"), "--samples", "128", "--radii", "0.1",
-               "--draws", "1", "--power-iters", "5", "--hutchinson", "2", "--landscape-1d", "3", "--landscape-2d", "0"])  # fmt: skip
+    rc = main(
+        [
+            "flatness",
+            str(out / "sgd-b64-s0"),
+            "--out",
+            str(tmp_path / "f"),
+            "--samples",
+            "128",
+            "--radii",
+            "0.1",
+            "--draws",
+            "1",
+            "--power-iters",
+            "5",
+            "--hutchinson",
+            "2",
+            "--landscape-1d",
+            "3",
+            "--landscape-2d",
+            "0",
+        ]
+    )
     assert rc == 0
     result = json.loads((tmp_path / "f" / "flatness.json").read_text())
     assert result["samples"] == 128 and [r["radius"] for r in result["perturbation"]] == [0.1]
@@ -137,7 +164,11 @@ def test_flatness_cli(swept, tmp_path):
 
 def test_diverged_run_is_recorded_and_not_repeated(tmp_path, capsys):
     grid = tmp_path / "bad.yaml"
-    grid.write_text(GRID.replace("optim: {lr: 0.2, warmup_fraction: 0.1}", "optim: {lr: 1.0e+30}").replace("name: tiny", "name: bad"))
+    grid.write_text(
+        GRID.replace("optim: {lr: 0.2, warmup_fraction: 0.1}", "optim: {lr: 1.0e+30}").replace(
+            "name: tiny", "name: bad"
+        )
+    )
     out = tmp_path / "out"
     assert main(["sweep", str(grid), "--out", str(out), "--methods", "sgd", "--batch-sizes", "64"]) == 0
     assert "1 diverged" in capsys.readouterr().out
@@ -176,7 +207,14 @@ def test_packaged_grids_expand():
     assert {"mnist1d-large-batch", "cifar10-resnet20", "cifar100-resnet20", "cifar10-vgg16"} <= set(names)
     grid = load_grid("mnist1d-large-batch")
     cells = {(c.label, c.batch_size) for c in grid.cells}
-    assert {("sgd", 32), ("sgd", 2000), ("ssgd-halves", 2000), ("gni", 2000), ("smoothout", 2000), ("sam", 2000)} <= cells
+    assert {
+        ("sgd", 32),
+        ("sgd", 2000),
+        ("ssgd-halves", 2000),
+        ("gni", 2000),
+        ("smoothout", 2000),
+        ("sam", 2000),
+    } <= cells
     assert len({c.seed for c in grid.cells if c.batch_size == 2000 and c.label == "ssgd-halves"}) >= 5
     for c in grid.cells:  # the measured recipe: 120 epochs, peak lr 1.0 at batch 2000, 0.1 at batch 32
         assert c.cfg.train.epochs == 120
@@ -205,11 +243,30 @@ def test_sweep_on_a_local_ray_cluster(tmp_path):
     cluster = start_cluster(num_cpus=2, log_dir=tmp_path / "ray-logs")
     try:
         proc = subprocess.run(
-            [sys.executable, "-m", "ssgd_dist.cli", "sweep", str(grid), "--out", str(out), "--ray", "auto", "--workers", "2",
-             "--batch-sizes", "64", "--methods", "sgd", "--max-concurrent", "1"],
+            [
+                sys.executable,
+                "-m",
+                "ssgd_dist.cli",
+                "sweep",
+                str(grid),
+                "--out",
+                str(out),
+                "--ray",
+                "auto",
+                "--workers",
+                "2",
+                "--batch-sizes",
+                "64",
+                "--methods",
+                "sgd",
+                "--max-concurrent",
+                "1",
+            ],
             env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "OMP_NUM_THREADS": "1"},
-            capture_output=True, text=True, timeout=600,
-        )  # fmt: skip
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
     finally:
         cluster.stop()
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

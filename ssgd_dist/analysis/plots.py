@@ -99,8 +99,13 @@ def plot_landscape_1d(curves: dict[str, dict[str, Any]], path: Path, title: str 
     for label, land in curves.items():
         ax.plot(land["alphas"], land["loss"], label=label)
     ax.set_yscale("log")
-    label_axes(ax, title, "step along the filter-normalised direction (alpha, units of ||filter||)",
-               "training loss (cross-entropy, log scale)", log_grid=True)  # fmt: skip
+    label_axes(
+        ax,
+        title,
+        "step along the filter-normalised direction (alpha, units of ||filter||)",
+        "training loss (cross-entropy, log scale)",
+        log_grid=True,
+    )
     save_figure(fig, path, dpi=120)
 
 
@@ -114,8 +119,9 @@ def plot_landscape_2d(
     n = len(panels)
     cols = cols or min(n, 3)
     rows = math.ceil(n / cols)
-    fig, axes = pyplot().subplots(rows, cols, figsize=(3.9 * cols + 1.2, 3.7 * rows + 0.6), squeeze=False,
-                                  layout="constrained")  # fmt: skip
+    fig, axes = pyplot().subplots(
+        rows, cols, figsize=(3.9 * cols + 1.2, 3.7 * rows + 0.6), squeeze=False, layout="constrained"
+    )
     all_losses = np.concatenate([np.asarray(p["loss"], dtype=float).ravel() for p in panels.values()])
     finite = all_losses[np.isfinite(all_losses)]
     lo, hi = (max(finite.min(), 1e-6), max(finite.max(), 1e-5)) if finite.size else (1e-3, 1.0)
@@ -123,8 +129,9 @@ def plot_landscape_2d(
     contour = None
     for ax, (label, land) in zip(axes.ravel(), panels.items(), strict=False):
         z = np.nan_to_num(np.clip(np.asarray(land["loss"], dtype=float), lo, None), nan=hi, posinf=hi)
-        contour = ax.contourf(land["alphas"], land["betas"], z, levels=levels, norm=LogNorm(lo, levels[-1]),
-                              cmap="viridis", extend="max")  # fmt: skip
+        contour = ax.contourf(
+            land["alphas"], land["betas"], z, levels=levels, norm=LogNorm(lo, levels[-1]), cmap="viridis", extend="max"
+        )
         ax.plot([0], [0], marker="*", color="white", markersize=10)
         ax.set_title(label, fontsize=10)
         ax.set_xlabel("direction 1 (alpha)")
@@ -145,8 +152,13 @@ def plot_perturbation(rows_by_label: dict[str, list[dict[str, float]]], path: Pa
         ax.plot([r["radius"] for r in rows], [max(r["loss_increase"], 1e-8) for r in rows], marker="o", label=label)
     ax.set_xscale("log")
     ax.set_yscale("log")
-    label_axes(ax, title, "relative perturbation radius r (||n_i|| = r ||w_i||)", "expected training-loss increase",
-               log_grid=True)  # fmt: skip
+    label_axes(
+        ax,
+        title,
+        "relative perturbation radius r (||n_i|| = r ||w_i||)",
+        "expected training-loss increase",
+        log_grid=True,
+    )
     save_figure(fig, path, dpi=120)
 
 
@@ -161,14 +173,25 @@ def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") 
             by_label[c.label].append(c)
     for label in sorted(by_label, key=label_key):
         cs = sorted(by_label[label], key=lambda c: c.batch_size)
-        ax.errorbar([c.batch_size for c in cs], [c.mean for c in cs], yerr=[c.std for c in cs], marker="o", capsize=4,
-                    color=colors[label], label=label)  # fmt: skip
+        ax.errorbar(
+            [c.batch_size for c in cs],
+            [c.mean for c in cs],
+            yerr=[c.std for c in cs],
+            marker="o",
+            capsize=4,
+            color=colors[label],
+            label=label,
+        )
     ax.set_xscale("log", base=2)
     batches = sorted({c.batch_size for c in cells})
     ax.set_xticks(batches)
     ax.set_xticklabels([str(b) for b in batches])
-    label_axes(ax, title or "Test accuracy vs batch size (mean ± std over seeds)",
-               "global batch size (samples, log scale)", "final test accuracy (%)")  # fmt: skip
+    label_axes(
+        ax,
+        title or "Test accuracy vs batch size (mean ± std over seeds)",
+        "global batch size (samples, log scale)",
+        "final test accuracy (%)",
+    )
     save_figure(fig, path, dpi=120)
 
 
@@ -205,16 +228,25 @@ def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, pat
     markers = dict(zip(sorted({r.batch_size for r in measured}), "osD^vP*X", strict=False))
     panels = [("top Hessian eigenvalue λ_max", "Top Hessian eigenvalue", lambda r: r.top_eigenvalue)]
     if radius is not None:
-        panels.append((f"loss increase under random perturbation, r = {radius:g}", "Random-perturbation sharpness",
-                       lambda r: r.loss_increase(radius)))  # fmt: skip
+        panels.append(
+            (
+                f"loss increase under random perturbation, r = {radius:g}",
+                "Random-perturbation sharpness",
+                lambda r: r.loss_increase(radius),
+            )
+        )
     panels.append(("Hessian trace (Hutchinson)", "Hessian trace", lambda r: r.hessian_trace))
-    fig, axes = pyplot().subplots(1, len(panels), figsize=(4.8 * len(panels) + 2.2, 4.4), squeeze=False,
-                                  layout="constrained")  # fmt: skip
+    fig, axes = pyplot().subplots(
+        1, len(panels), figsize=(4.8 * len(panels) + 2.2, 4.4), squeeze=False, layout="constrained"
+    )
     for ax, (name, short, get) in zip(axes[0], panels, strict=True):
         for label in sorted({r.label for r in measured}, key=label_key):
             for batch, marker in markers.items():
-                pts = [(get(r), 100 * r.test_acc) for r in measured
-                       if r.label == label and r.batch_size == batch and get(r) is not None and get(r) > 0]  # fmt: skip
+                pts = [
+                    (get(r), 100 * r.test_acc)
+                    for r in measured
+                    if r.label == label and r.batch_size == batch and get(r) is not None and get(r) > 0
+                ]
                 if pts:
                     xs, ys = zip(*pts, strict=True)
                     ax.scatter(xs, ys, color=colors[label], marker=marker, label=f"{label}, batch {batch}", alpha=0.8)
@@ -226,8 +258,14 @@ def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, pat
         ax.grid(alpha=0.3, which="both")
     handles, labels = axes[0][0].get_legend_handles_labels()
     if handles:
-        fig.legend(handles, labels, fontsize=8, loc="outside right center", title="method, batch (one point per run)",
-                   title_fontsize=8)  # fmt: skip
+        fig.legend(
+            handles,
+            labels,
+            fontsize=8,
+            loc="outside right center",
+            title="method, batch (one point per run)",
+            title_fontsize=8,
+        )
     fig.suptitle("Flatter solutions (left in each panel) against test accuracy")
     save_figure(fig, path, dpi=110, tight=False)
 
@@ -254,9 +292,14 @@ def plot_perturbation_curves(runs: list[RunSummary], path: Path) -> None:
         ax.set_xscale("log")
         ax.set_yscale("log")
         _log_axis(ax.xaxis)
-        label_axes(ax, f"Loss increase under random weight noise, batch {batch}",
-                   "relative radius r (||n_i|| = r ||w_i||, log scale)", "E[L(w+n)] - L(w), training loss (log scale)",
-                   title_size=10, log_grid=True)  # fmt: skip
+        label_axes(
+            ax,
+            f"Loss increase under random weight noise, batch {batch}",
+            "relative radius r (||n_i|| = r ||w_i||, log scale)",
+            "E[L(w+n)] - L(w), training loss (log scale)",
+            title_size=10,
+            log_grid=True,
+        )
     save_figure(fig, path, dpi=110)
 
 
@@ -276,9 +319,14 @@ def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
                 losses = np.array([land["loss"] for land in lands if len(land["loss"]) == len(alphas)])
                 ax.plot(alphas, losses.mean(0), color=colors[label], label=_seeds_label(label, len(losses)))
             ax.set_yscale("log")
-            label_axes(ax, f"1-D loss landscape (Li et al. 2018), batch {batch}",
-                       "alpha along a filter-normalised random direction", "training loss (log scale), mean over seeds",
-                       title_size=10, log_grid=True)  # fmt: skip
+            label_axes(
+                ax,
+                f"1-D loss landscape (Li et al. 2018), batch {batch}",
+                "alpha along a filter-normalised random direction",
+                "training loss (log scale), mean over seeds",
+                title_size=10,
+                log_grid=True,
+            )
         save_figure(fig, out / "landscape_1d.png", dpi=110)
         written.append("landscape_1d.png")
     two_d = [r for r in runs if r.flatness and "landscape_2d" in r.flatness]

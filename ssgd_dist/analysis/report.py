@@ -228,14 +228,31 @@ def comparison_table(runs: list[RunSummary], radius: float | None = None) -> str
 
 
 def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
-    head = ["method", "batch", "seed", "test acc (%)", "final train loss", "λ_max", "tr(H)",
-            f"ΔL (r={radius:g})" if radius else "ΔL", "run"]  # fmt: skip
+    head = [
+        "method",
+        "batch",
+        "seed",
+        "test acc (%)",
+        "final train loss",
+        "λ_max",
+        "tr(H)",
+        f"ΔL (r={radius:g})" if radius else "ΔL",
+        "run",
+    ]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 2) + ["---"]) + "|"]
     for r in sorted(runs, key=lambda r: (r.batch_size, label_key(r.label), r.seed)):
         acc = "diverged" if r.diverged else _fmt(100 * r.test_acc if r.test_acc is not None else None, ".2f")
-        row = [r.label, str(r.batch_size), str(r.seed), acc, _fmt(r.train_loss, ".4f"), _fmt(r.top_eigenvalue),
-               _fmt(r.hessian_trace), _fmt(r.loss_increase(radius) if radius else None),
-               f"`{r.run_dir.name}`"]  # fmt: skip
+        row = [
+            r.label,
+            str(r.batch_size),
+            str(r.seed),
+            acc,
+            _fmt(r.train_loss, ".4f"),
+            _fmt(r.top_eigenvalue),
+            _fmt(r.hessian_trace),
+            _fmt(r.loss_increase(radius) if radius else None),
+            f"`{r.run_dir.name}`",
+        ]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
 
@@ -287,11 +304,25 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radi
     text.append(per_run_table(runs, radius))
     text.append("")
     (out / "report.md").write_text("\n".join(text) + "\n")
-    summary = {"radius": radius, "reference": ref, "cells": [c.to_dict() for c in cells],
-               "runs": [{"run_dir": str(r.run_dir), "label": r.label, "method": r.method, "batch_size": r.batch_size,
-                         "seed": r.seed, "test_acc": r.test_acc, "diverged": r.diverged,
-                         "top_eigenvalue": r.top_eigenvalue, "hessian_trace": r.hessian_trace,
-                         "loss_increase": r.loss_increase(radius) if radius else None}
-                        for r in runs]}  # fmt: skip
+    summary = {
+        "radius": radius,
+        "reference": ref,
+        "cells": [c.to_dict() for c in cells],
+        "runs": [
+            {
+                "run_dir": str(r.run_dir),
+                "label": r.label,
+                "method": r.method,
+                "batch_size": r.batch_size,
+                "seed": r.seed,
+                "test_acc": r.test_acc,
+                "diverged": r.diverged,
+                "top_eigenvalue": r.top_eigenvalue,
+                "hessian_trace": r.hessian_trace,
+                "loss_increase": r.loss_increase(radius) if radius else None,
+            }
+            for r in runs
+        ],
+    }
     (out / "summary.json").write_text(json.dumps(summary, indent=1) + "\n")
     return out / "report.md"

@@ -57,7 +57,7 @@ class Backend:
         """Refuse (``ConfigError``) what this backend cannot run; called by ``backends.check_launch``."""
 
     @classmethod
-    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> "Backend":
+    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> Backend:
         return cls(
             model,
             optimizer,

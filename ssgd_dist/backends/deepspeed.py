@@ -93,7 +93,11 @@ def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
     ds = cfg.deepspeed
     extra = ds.extra or {}
     stage = ds.zero_stage
-    extra_stage = (extra.get("zero_optimization") or {}).get("stage") if isinstance(extra.get("zero_optimization"), dict) else None
+    extra_stage = (
+        (extra.get("zero_optimization") or {}).get("stage")
+        if isinstance(extra.get("zero_optimization"), dict)
+        else None
+    )
     if extra_stage is not None and extra_stage != stage:
         raise ConfigError(
             f"deepspeed.extra.zero_optimization.stage = {extra_stage!r} disagrees with deepspeed.zero_stage = {stage}; "
@@ -118,7 +122,9 @@ def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
             "use deepspeed.bf16=true (or train.precision=bf16), or fp32"
         )
     if extra.get("bf16") is not None and not isinstance(extra.get("bf16"), dict):
-        raise ConfigError("deepspeed.extra.bf16: expected a mapping such as {enabled: true}; or use deepspeed.bf16=true")
+        raise ConfigError(
+            "deepspeed.extra.bf16: expected a mapping such as {enabled: true}; or use deepspeed.bf16=true"
+        )
 
 
 def uses_bf16(cfg: Config) -> bool:
@@ -156,7 +162,8 @@ def _import_deepspeed(device: torch.device):
         import deepspeed
     except ImportError as exc:
         raise ConfigError(
-            f"backend = deepspeed: DeepSpeed is not importable ({exc}); install it with pip install 'ssgd-dist[deepspeed]'"
+            f"backend = deepspeed: DeepSpeed is not importable ({exc}); "
+            "install it with pip install 'ssgd-dist[deepspeed]'"
         ) from None
     return deepspeed
 
@@ -167,7 +174,7 @@ class DeepSpeedBackend(Backend):
     check_config = staticmethod(check_deepspeed_config)
 
     @classmethod
-    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> "DeepSpeedBackend":
+    def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> DeepSpeedBackend:
         return cls(cfg, model, optimizer, clip_grad_norm=cfg.optim.clip_grad_norm, on_nonfinite=cfg.train.on_nonfinite)
 
     def __init__(
@@ -189,7 +196,9 @@ class DeepSpeedBackend(Backend):
         if self.sync_mode not in SYNC_MODES:
             raise ConfigError(f"sync_mode = {self.sync_mode!r}: expected one of {', '.join(SYNC_MODES)}")
         if self.sync_mode == "coalesce" and self.zero_stage == 0:
-            raise ConfigError("sync_mode = coalesce needs ZeRO 1 or 2 (DeepSpeed's coalesce_grad_reduction); use boundary")
+            raise ConfigError(
+                "sync_mode = coalesce needs ZeRO 1 or 2 (DeepSpeed's coalesce_grad_reduction); use boundary"
+            )
 
         device = next(model.parameters()).device
         deepspeed = _import_deepspeed(device)
@@ -203,7 +212,9 @@ class DeepSpeedBackend(Backend):
             self.sync_mode = "boundary"
         if not dist.is_initialized():
             # One process on its own: a one-rank group, so the engine's collectives have somewhere to go.
-            dist.init_process_group("nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1)
+            dist.init_process_group(
+                "nccl" if device.type == "cuda" else "gloo", store=dist.HashStore(), rank=0, world_size=1
+            )
         deepspeed.init_distributed(dist_backend=dist.get_backend(), auto_mpi_discovery=False, verbose=False)
         world_size = dist.get_world_size()
 

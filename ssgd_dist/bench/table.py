@@ -15,9 +15,18 @@ def format_table(report: dict[str, Any]) -> str:
         f"torch {report['torch']}"
     )
     cols = [
-        "variant", "step ms", "samples/s", "x sgd", "x ga2", "comm MB", "x comm", "peak+", "peak+ga2", "held+",
+        "variant",
+        "step ms",
+        "samples/s",
+        "x sgd",
+        "x ga2",
+        "comm MB",
+        "x comm",
+        "peak+",
+        "peak+ga2",
+        "held+",
         "noise %",
-    ]  # fmt: skip
+    ]
     rows = [cols]
     for r in report["results"]:
         rows.append(

@@ -54,7 +54,10 @@ def split_image(ref: str) -> dict[str, str]:
     if not name or any(c.isspace() for c in ref) or "" in entry.values():
         raise ConfigError(f"--image {ref!r}: expected REGISTRY/NAME:TAG or REGISTRY/NAME@sha256:DIGEST")
     if not entry or entry.get("newTag") == "latest":
-        raise ConfigError(f"--image {ref!r}: give a version tag or a digest (no tag means :latest, which can change under a running job)")
+        raise ConfigError(
+            f"--image {ref!r}: give a version tag or a digest "
+            "(no tag means :latest, which can change under a running job)"
+        )
     return {"newName": name, **entry}
 
 
@@ -80,7 +83,9 @@ def image_name(image: str) -> str:
 def kustomize(directory: Path) -> str:
     kubectl = shutil.which("kubectl")
     if kubectl is None:
-        raise ConfigError("ssgd-dist k8s: kubectl is not on PATH (it renders the kustomize overlays); install kubectl >= 1.27")
+        raise ConfigError(
+            "ssgd-dist k8s: kubectl is not on PATH (it renders the kustomize overlays); install kubectl >= 1.27"
+        )
     done = subprocess.run([kubectl, "kustomize", str(directory)], capture_output=True, text=True)
     if done.returncode:
         raise ConfigError(f"kubectl kustomize {directory} failed: {done.stderr.strip()}")
@@ -95,8 +100,13 @@ def overlay_config(objs: list[dict]) -> dict:
     raise ConfigError(f"the overlay has no ConfigMap {CONFIG_MAP!r} with {CONFIG_KEY!r} to base --set on")
 
 
-def render(overlay: str, image: str | None = None, config: str | None = None, overrides: list[str] | None = None,
-           k8s_dir: Path | None = None) -> str:  # fmt: skip
+def render(
+    overlay: str,
+    image: str | None = None,
+    config: str | None = None,
+    overrides: list[str] | None = None,
+    k8s_dir: Path | None = None,
+) -> str:
     """The overlay's manifests as ``kubectl apply -f`` takes them; see the module docstring."""
     k8s_dir = Path(k8s_dir) if k8s_dir else default_k8s_dir()
     names = overlays(k8s_dir)
@@ -116,7 +126,9 @@ def render(overlay: str, image: str | None = None, config: str | None = None, ov
     if image is not None:
         images = sorted({image_name(i) for i in container_images(plain)})
         if len(images) != 1:
-            raise ConfigError(f"--image: overlay {overlay!r} runs {len(images)} images ({', '.join(images)}); expected one to replace")
+            raise ConfigError(
+                f"--image: overlay {overlay!r} runs {len(images)} images ({', '.join(images)}); expected one to replace"
+            )
         spec["images"] = [{"name": images[0], **split_image(image)}]
     with tempfile.TemporaryDirectory(prefix="ssgd-k8s-") as tmp:
         root = Path(tmp).resolve()  # kustomize resolves links in its root; the relative path must agree

@@ -145,8 +145,10 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
         for fname in SNAPSHOT_FILES:  # a run directory without its files gets its history back
             if (snap / fname).exists() and not (run_dir / fname).exists():
                 shutil.copyfile(snap / fname, run_dir / fname)
-        print(f"ssgd-dist: if the run directory has no checkpoint: resume from the {label} at step {step} ({snap})",
-              flush=True)  # fmt: skip
+        print(
+            f"ssgd-dist: if the run directory has no checkpoint: resume from the {label} at step {step} ({snap})",
+            flush=True,
+        )
     if dist.is_initialized():
         dist.barrier()  # nobody reads the run directory before rank 0 has reset and restored it
     return chosen[1] / "checkpoints" / "last.pt" if chosen is not None else None

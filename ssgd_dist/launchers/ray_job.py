@@ -25,9 +25,9 @@ from pathlib import Path
 
 import ray
 
+from ..backends import check_launch
 from ..config import Config, load_config
 from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
-from ..backends import check_launch
 from ..train import check_run_dir
 from .ray import RunLocation, build_trainer, connect, is_uri
 
@@ -44,23 +44,24 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (implies device=cuda, NCCL)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per worker with --use-gpu (default 1)")
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a config key (repeatable)")  # fmt: skip
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument(
         "--storage-path",
         default=DEFAULT_STORAGE,
         help=f"absolute path (shared by all nodes) or URI (s3://...) for the run; "
         f"default {DEFAULT_STORAGE} on the head",
     )
-    p.add_argument("--name", help="run name; the run directory is <storage-path>/<name> "
-                   "(default <config>-<method>-s<seed>)")  # fmt: skip
+    p.add_argument(
+        "--name", help="run name; the run directory is <storage-path>/<name> (default <config>-<method>-s<seed>)"
+    )
     p.add_argument(
         "--local-dir",
         help="where workers train when the storage is an object store (default: <tmp>/ssgd-dist/<name>); "
         "given with a local storage path, train there and copy to the storage path at each checkpoint",
     )
-    p.add_argument("--max-failures", type=int, default=2,
-                   help="worker-group restarts Ray may make (-1: unlimited; default 2)")  # fmt: skip
+    p.add_argument(
+        "--max-failures", type=int, default=2, help="worker-group restarts Ray may make (-1: unlimited; default 2)"
+    )
     p.add_argument("--num-to-keep", type=int, default=2, help="Ray checkpoints kept in the storage (default 2)")
     return p
 
@@ -112,11 +113,19 @@ def main(argv: list[str] | None = None) -> int:
 
     resources = {"CPU": args.cpus_per_worker, **({"GPU": args.gpus_per_worker} if args.use_gpu else {})}
     trainer = build_trainer(
-        cfg, where, num_workers=args.num_workers, use_gpu=args.use_gpu, resources_per_worker=resources,
-        max_failures=args.max_failures, num_to_keep=args.num_to_keep,
-    )  # fmt: skip
-    print(f"ssgd-dist: {cfg.method} on {args.num_workers} Ray workers ({'GPU' if args.use_gpu else 'CPU'}), "
-          f"run dir {where.shown_dir}", flush=True)  # fmt: skip
+        cfg,
+        where,
+        num_workers=args.num_workers,
+        use_gpu=args.use_gpu,
+        resources_per_worker=resources,
+        max_failures=args.max_failures,
+        num_to_keep=args.num_to_keep,
+    )
+    print(
+        f"ssgd-dist: {cfg.method} on {args.num_workers} Ray workers ({'GPU' if args.use_gpu else 'CPU'}), "
+        f"run dir {where.shown_dir}",
+        flush=True,
+    )
     try:
         connect()
         result = trainer.fit()

@@ -13,7 +13,13 @@ def run_torchrun(nproc: int, cli_args: list[str], env: dict[str, str] | None = N
     One thread per rank unless the caller's ``env`` says otherwise: ranks share the machine's cores.
     """
     cmd = [
-        sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-        "-m", "ssgd_dist.cli", *cli_args,
-    ]  # fmt: skip
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        f"--nproc_per_node={nproc}",
+        "-m",
+        "ssgd_dist.cli",
+        *cli_args,
+    ]
     return subprocess.run(cmd, env={**os.environ, "OMP_NUM_THREADS": "1", **(env or {})}).returncode

@@ -16,9 +16,14 @@ REPO = Path(__file__).resolve().parents[2]
 WORKER = Path(__file__).with_name("ds_worker.py")
 
 TINY = [
-    "train.max_steps=4", "data.num_samples=2000", "data.batch_size=200", "model.hidden=[32,32]",
-    "train.progress=false", "train.num_threads=1", "train.checkpoint_every=2",
-]  # fmt: skip
+    "train.max_steps=4",
+    "data.num_samples=2000",
+    "data.batch_size=200",
+    "model.hidden=[32,32]",
+    "train.progress=false",
+    "train.num_threads=1",
+    "train.checkpoint_every=2",
+]
 STAGES = (0, 1, 2)
 # method name in the tests -> config overrides
 METHODS = {
@@ -35,7 +40,16 @@ EXTRA_METHODS = {
     "bn": ["method=ssgd", "ssgd.batch_split=full", "model.name=cnn1d", "model.batchnorm=true"],
 }
 # Noise so large that every loss is inf/NaN: each step must be skipped (or stop the run), never applied.
-RESUMED = ("z0-halves", "z1-halves", "z2-halves", "z0-adamw", "z2-adamw", "z0-bf16-halves", "z2-bf16-halves", "z1-bf16acc-halves")
+RESUMED = (
+    "z0-halves",
+    "z1-halves",
+    "z2-halves",
+    "z0-adamw",
+    "z2-adamw",
+    "z0-bf16-halves",
+    "z2-bf16-halves",
+    "z1-bf16acc-halves",
+)
 NONFINITE = ["method=ssgd", "noise.alpha=1e30", "train.on_nonfinite=skip"]
 
 
@@ -69,12 +83,24 @@ def all_cases() -> list[dict]:
         for m, sets in EXTRA_METHODS.items():
             cases.append(case(f"z{stage}-{m}", ds(stage, *sets)))
     # bf16 weights with fp32 gradient accumulation: ZeRO 1 then uses DeepSpeed's BF16_Optimizer.
-    cases.append(case("z1-bf16acc-halves", ds(1, *METHODS["halves"], "deepspeed.bf16=true", "deepspeed.extra.data_types.grad_accum_dtype=fp32")))
+    cases.append(
+        case(
+            "z1-bf16acc-halves",
+            ds(1, *METHODS["halves"], "deepspeed.bf16=true", "deepspeed.extra.data_types.grad_accum_dtype=fp32"),
+        )
+    )
     # Exact resume: start from another case's step-2 checkpoint, train to step 4.
     for source in RESUMED:
-        cases.append(case(f"{source}-resumed", next(c for c in cases if c["name"] == source)["sets"][len(TINY):], resume_from=(source, 2)))
+        cases.append(
+            case(
+                f"{source}-resumed",
+                next(c for c in cases if c["name"] == source)["sets"][len(TINY) :],
+                resume_from=(source, 2),
+            )
+        )
     for name, sets in {
-        "z0-nonfinite": ds(0, *NONFINITE), "z2-nonfinite": ds(2, *NONFINITE),
+        "z0-nonfinite": ds(0, *NONFINITE),
+        "z2-nonfinite": ds(2, *NONFINITE),
         "z0-bf16-nonfinite": ds(0, *NONFINITE, "deepspeed.bf16=true"),
         "z2-bf16-nonfinite": ds(2, *NONFINITE, "deepspeed.bf16=true"),
         "z0-nonfinite-stop": ds(0, *NONFINITE, "train.on_nonfinite=stop"),
@@ -94,9 +120,22 @@ def run_worker(cases: list[dict], out: Path, timeout: int = 600) -> tuple[list[d
     spec.write_text(json.dumps(cases))
     env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu", "PYTHONPATH": str(REPO)}
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", str(WORKER), str(spec), str(out)],
-        cwd=REPO, capture_output=True, text=True, timeout=timeout, env=env,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            str(WORKER),
+            str(spec),
+            str(out),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=env,
+    )
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     return results, proc

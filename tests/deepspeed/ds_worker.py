@@ -36,7 +36,14 @@ from ssgd_dist.config import load_config  # noqa: E402
 from ssgd_dist.errors import ConfigError  # noqa: E402
 from ssgd_dist.train import Trainer  # noqa: E402
 
-REDUCE_OPS = ("all_reduce", "all_reduce_coalesced", "inference_all_reduce", "reduce", "reduce_scatter", "reduce_scatter_tensor")
+REDUCE_OPS = (
+    "all_reduce",
+    "all_reduce_coalesced",
+    "inference_all_reduce",
+    "reduce",
+    "reduce_scatter",
+    "reduce_scatter_tensor",
+)
 OTHER_OPS = ("all_gather", "all_gather_into_tensor", "all_gather_base", "all_gather_coalesced", "broadcast", "barrier")
 
 
@@ -91,13 +98,15 @@ def instrument(trainer: Trainer, counter: Counter, per_step: list, restore_misma
             counter.phase = "other"
             entries = counter.log[start:]
             grad = [(op, b) for ph, op, b in entries if ph == "grad" and op in REDUCE_OPS]
-            per_step.append({
-                "grad_reductions": len(grad),
-                "grad_reduction_bytes": sum(b for _, b in grad),
-                "grad_ops": sorted({op for op, _ in grad}),
-                "step_reductions": sum(1 for ph, op, _ in entries if ph == "step" and op in REDUCE_OPS),
-                "step_other": sum(1 for ph, op, _ in entries if ph == "step" and op not in REDUCE_OPS),
-            })  # fmt: skip
+            per_step.append(
+                {
+                    "grad_reductions": len(grad),
+                    "grad_reduction_bytes": sum(b for _, b in grad),
+                    "grad_ops": sorted({op for op, _ in grad}),
+                    "step_reductions": sum(1 for ph, op, _ in entries if ph == "step" and op in REDUCE_OPS),
+                    "step_other": sum(1 for ph, op, _ in entries if ph == "step" and op not in REDUCE_OPS),
+                }
+            )
 
     backend.optimizer_step = optimizer_step
     backend.train_step = train_step
@@ -168,7 +177,9 @@ def main() -> None:
         try:
             results.append(run_case(case, out, counter, ctx.rank))
         except Exception as exc:  # noqa: BLE001 - record and go on; a collective mismatch would hang instead
-            results.append({"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()})
+            results.append(
+                {"name": case["name"], "error": f"{type(exc).__name__}: {exc}", "traceback": traceback.format_exc()}
+            )
         if ctx.rank == 0:
             (out / "results.json").write_text(json.dumps(results, indent=1))
     distributed.teardown(ctx)

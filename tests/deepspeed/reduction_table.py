@@ -26,7 +26,8 @@ def _cell(r: dict | None, key: str) -> str:
 
 def table(results: dict[str, dict]) -> str:
     rows = [
-        "| ZeRO | precision | sync mode | SGD | S-SGD `halves` | S-SGD `full` | bytes reduced per step: SGD, `halves` |",
+        "| ZeRO | precision | sync mode | SGD | S-SGD `halves` | S-SGD `full` "
+        "| bytes reduced per step: SGD, `halves` |",
         "|---|---|---|---|---|---|---|",
     ]
     for tag in ("", "-bf16"):

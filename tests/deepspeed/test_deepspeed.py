@@ -26,7 +26,9 @@ from cases import EXTRA_METHODS, METHODS, RESUMED, STAGES, all_cases, run_worker
 pytestmark = [
     pytest.mark.deepspeed,
     pytest.mark.distributed,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed: pip install -e '.[deepspeed]'"),
+    pytest.mark.skipif(
+        importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed: pip install -e '.[deepspeed]'"
+    ),
 ]
 
 
@@ -35,7 +37,9 @@ def runs(tmp_path_factory):
     out = tmp_path_factory.mktemp("deepspeed-runs")
     results, proc = run_worker(all_cases(), out)
     if proc.returncode != 0 or len(results) != len(all_cases()):
-        pytest.fail(f"the 2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        pytest.fail(
+            f"the 2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return out, {r["name"]: r for r in results}
 
 
@@ -123,14 +127,19 @@ def test_bf16_runs_finite_with_bf16_weights_restored_exactly(runs, stage):
         assert r["restore_mismatches"] == [0, 0, 0, 0]
         assert torch.isfinite(torch.tensor(r["summary"]["train_loss"]))
         # bf16 follows the fp32 run closely (4 steps)
-        assert max_diff(checkpoint(runs, f"z{stage}-bf16-{split}")["model"], checkpoint(runs, f"ddp-{split}")["model"]) < 0.02
+        assert (
+            max_diff(checkpoint(runs, f"z{stage}-bf16-{split}")["model"], checkpoint(runs, f"ddp-{split}")["model"])
+            < 0.02
+        )
 
 
 def test_bf16_restore_by_subtraction_would_not_be_exact():
     """Why the restore copies: in bf16, (w + n) - n != w for a noticeable share of elements."""
     gen = torch.Generator().manual_seed(0)
     w = torch.randn(4096, generator=gen).to(torch.bfloat16)
-    n = (0.3 * w.float().pow(2).mean().sqrt() * (torch.randint(0, 2, (4096,), generator=gen) * 2 - 1)).to(torch.bfloat16)
+    n = (0.3 * w.float().pow(2).mean().sqrt() * (torch.randint(0, 2, (4096,), generator=gen) * 2 - 1)).to(
+        torch.bfloat16
+    )
     assert ((w + n) - n != w).float().mean() > 0.05
 
 
@@ -162,7 +171,10 @@ def test_nonfinite_steps_are_skipped_and_weights_untouched(runs, name):
 def test_nonfinite_stop_raises(runs):
     # ZeRO 2: the engine skips the step and says so; ZeRO 0 (fp32): the trainer finds it when it reads the norm.
     assert "NonFiniteError" in runs[1]["z2-nonfinite-stop"]["error"]
-    assert "NonFiniteError" in runs[1]["z0-nonfinite-stop"]["error"] and "at step 0" in runs[1]["z0-nonfinite-stop"]["error"]
+    assert (
+        "NonFiniteError" in runs[1]["z0-nonfinite-stop"]["error"]
+        and "at step 0" in runs[1]["z0-nonfinite-stop"]["error"]
+    )
 
 
 # -- refusals -----------------------------------------------------------------------------------------
@@ -173,9 +185,20 @@ def test_sam_and_zero3_are_refused_in_workers(runs):
 
 def test_zero3_is_a_configuration_error_with_exit_2(tmp_path):
     proc = run_cli(
-        "train", "--config", "quickstart", *TINY, "--set", "train.max_steps=1", "--set", "backend=deepspeed",
-        "--set", "deepspeed.zero_stage=3", "--run-dir", str(tmp_path / "z3"), timeout=120,
-    )  # fmt: skip
+        "train",
+        "--config",
+        "quickstart",
+        *TINY,
+        "--set",
+        "train.max_steps=1",
+        "--set",
+        "backend=deepspeed",
+        "--set",
+        "deepspeed.zero_stage=3",
+        "--run-dir",
+        str(tmp_path / "z3"),
+        timeout=120,
+    )
     assert proc.returncode == 2, proc.stderr
     assert "deepspeed.zero_stage = 3" in proc.stderr and "supported: deepspeed.zero_stage=0, 1 or 2" in proc.stderr
 
@@ -185,26 +208,62 @@ def test_torchrun_cli_trains_with_the_deepspeed_backend(tmp_path):
     """The README command, shrunk: `torchrun -m ssgd_dist.cli train --config quickstart --set backend=deepspeed`."""
     run_dir = tmp_path / "run"
     proc = run_torchrun(
-        2, "train", "--config", "quickstart", *TINY, "--set", "train.max_steps=2", "--set", "backend=deepspeed",
-        "--set", "deepspeed.zero_stage=2", "--run-dir", str(run_dir), timeout=300,
-    )  # fmt: skip
+        2,
+        "train",
+        "--config",
+        "quickstart",
+        *TINY,
+        "--set",
+        "train.max_steps=2",
+        "--set",
+        "backend=deepspeed",
+        "--set",
+        "deepspeed.zero_stage=2",
+        "--run-dir",
+        str(run_dir),
+        timeout=300,
+    )
     assert proc.returncode == 0, proc.stderr[-4000:]
     assert "ssgd-dist: done at step 2" in proc.stdout
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 
-@pytest.mark.skipif(shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(), reason="no deepspeed launcher")
+@pytest.mark.skipif(
+    shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),
+    reason="no deepspeed launcher",
+)
 def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
     launcher = Path(sys.executable).parent / "deepspeed"
     launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
     run_dir = tmp_path / "run"
     proc = subprocess.run(
-        [launcher, "--num_gpus", "2", "--master_port", str(_free_port()), "--module", "ssgd_dist.cli", "train",
-         "--config", "quickstart", *TINY, "--set", "train.max_steps=2", "--set", "backend=deepspeed",
-         "--set", "deepspeed.zero_stage=1", "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300,
+        [
+            launcher,
+            "--num_gpus",
+            "2",
+            "--master_port",
+            str(_free_port()),
+            "--module",
+            "ssgd_dist.cli",
+            "train",
+            "--config",
+            "quickstart",
+            *TINY,
+            "--set",
+            "train.max_steps=2",
+            "--set",
+            "backend=deepspeed",
+            "--set",
+            "deepspeed.zero_stage=1",
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
         env={**os.environ, "DS_ACCELERATOR": "cpu", "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+    )
     assert proc.returncode == 0, (proc.stdout + proc.stderr)[-4000:]
     saved = torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)
     assert saved["step"] == 2 and saved["world_size"] == 2
@@ -216,4 +275,3 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-

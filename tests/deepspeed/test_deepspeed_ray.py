@@ -10,6 +10,7 @@ import importlib.util
 import os
 import subprocess
 import sys
+
 import pytest
 import torch
 
@@ -24,10 +25,23 @@ pytestmark = [
 ]
 
 TINY = [
-    "--config", "quickstart", "--set", "train.max_steps=4", "--set", "train.checkpoint_every=2",
-    "--set", "data.num_samples=2000", "--set", "data.batch_size=200", "--set", "model.hidden=[32,32]",
-    "--set", "train.num_threads=1", "--set", "train.progress=false",
-]  # fmt: skip
+    "--config",
+    "quickstart",
+    "--set",
+    "train.max_steps=4",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "data.num_samples=2000",
+    "--set",
+    "data.batch_size=200",
+    "--set",
+    "model.hidden=[32,32]",
+    "--set",
+    "train.num_threads=1",
+    "--set",
+    "train.progress=false",
+]
 
 
 def test_ray_train_workers_run_the_deepspeed_backend(tmp_path):
@@ -35,20 +49,50 @@ def test_ray_train_workers_run_the_deepspeed_backend(tmp_path):
 
     reference = tmp_path / "ddp"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
-         "-m", "ssgd_dist.cli", "train", *TINY, "--set", "backend=ddp", "--run-dir", str(reference)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node=2",
+            "-m",
+            "ssgd_dist.cli",
+            "train",
+            *TINY,
+            "--set",
+            "backend=ddp",
+            "--run-dir",
+            str(reference),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     cluster = start_cluster(num_cpus=2, log_dir=tmp_path / "ray-head")
     try:
         storage = tmp_path / "storage"
         job = cluster.submit(
-            ["python", "launch/ray_job.py", "--num-workers", "2", *TINY, "--set", "backend=deepspeed",
-             "--set", "deepspeed.zero_stage=2", "--storage-path", str(storage), "--name", "ds"],
+            [
+                "python",
+                "launch/ray_job.py",
+                "--num-workers",
+                "2",
+                *TINY,
+                "--set",
+                "backend=deepspeed",
+                "--set",
+                "deepspeed.zero_stage=2",
+                "--storage-path",
+                str(storage),
+                "--name",
+                "ds",
+            ],
             timeout=500,
-        )  # fmt: skip
+        )
     finally:
         cluster.stop()
     assert job.returncode == 0, f"{job.stdout[-6000:]}\n{job.stderr[-3000:]}"

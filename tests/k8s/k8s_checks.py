@@ -10,9 +10,10 @@ import os
 import re
 import shutil
 import subprocess
-from functools import lru_cache
+from collections.abc import Iterator
+from functools import cache
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import yaml
 
@@ -34,7 +35,10 @@ def render(overlay: str) -> list[dict[str, Any]]:
     assert kubectl, "kubectl not on PATH"
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
-        check=True, capture_output=True, text=True, timeout=60,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=60,
     ).stdout
     return [doc for doc in yaml.safe_load_all(out) if doc]
 
@@ -68,7 +72,7 @@ def strict_schema(schema: dict[str, Any]) -> dict[str, Any]:
     return s
 
 
-@lru_cache(maxsize=None)
+@cache
 def _crd_schemas(directory: str) -> dict[tuple[str, str], dict[str, Any]]:
     """(apiVersion, kind) -> strict schema, for every version of every CRD file in the directory."""
     schemas = {}

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
+import k8s_checks as kc
 import pytest
 import yaml
-
-import k8s_checks as kc
 from k8s_checks import OVERLAYS
+
 from ssgd_dist.cli import main
 from ssgd_dist.config import validate
 from ssgd_dist.errors import ConfigError
@@ -86,7 +86,9 @@ def test_image_references_split_as_kustomize_expects(ref, entry):
     assert split_image(ref) == entry
 
 
-@pytest.mark.parametrize("ref", ["ssgd", "localhost:5000/ssgd", "reg.io/ssgd:latest", "reg.io/ssgd:", "reg.io/ssgd@", "a b:1"])
+@pytest.mark.parametrize(
+    "ref", ["ssgd", "localhost:5000/ssgd", "reg.io/ssgd:latest", "reg.io/ssgd:", "reg.io/ssgd@", "a b:1"]
+)
 def test_image_references_without_a_fixed_version_are_refused(ref):
     with pytest.raises(ConfigError, match="--image"):
         split_image(ref)

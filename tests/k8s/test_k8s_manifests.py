@@ -8,10 +8,9 @@ import re
 import subprocess
 import sys
 
+import k8s_checks as kc
 import pytest
 import yaml
-
-import k8s_checks as kc
 from k8s_checks import OVERLAYS, env_value, gpus
 
 CUSTOM_KINDS = {"RayJob", "RayCluster", "PyTorchJob"}
@@ -44,7 +43,7 @@ def test_core_objects_validate_strict(rendered, overlay):
     for obj in rendered[overlay]:
         if obj["kind"] in CUSTOM_KINDS:
             # Their pod templates are core PodTemplateSpecs: hold them to the core schema too.
-            for path, template in kc.pod_templates(obj):
+            for _path, template in kc.pod_templates(obj):
                 wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
                 kubernetes_validate.validate(wrapped, kc.K8S_VERSION, strict=True)
         else:
@@ -61,7 +60,9 @@ def test_kubernetes_validate_cli(rendered, tmp_path):
         files.append(str(path))
     proc = subprocess.run(
         [sys.executable, "-m", "kubernetes_validate", "-k", kc.K8S_VERSION, "--strict", *files],
-        capture_output=True, text=True, timeout=120,
+        capture_output=True,
+        text=True,
+        timeout=120,
     )
     assert proc.returncode == 0 and "ERROR" not in proc.stdout, proc.stdout + proc.stderr
 
@@ -95,8 +96,8 @@ def test_core_check_rejects_unknown_field_and_wrong_type(rendered):
     kubernetes_validate = pytest.importorskip("kubernetes_validate")
     job = one(rendered["torchrun-job"], "Job")
     for mutate in (
-        lambda j: j["spec"].__setitem__("completion", 2),                     # unknown field
-        lambda j: j["spec"].__setitem__("completions", "two"),                # wrong type
+        lambda j: j["spec"].__setitem__("completion", 2),  # unknown field
+        lambda j: j["spec"].__setitem__("completions", "two"),  # wrong type
         lambda j: j["spec"]["template"]["spec"]["containers"][0].pop("name"),  # required field
     ):
         bad = copy.deepcopy(job)
@@ -197,4 +198,4 @@ def test_rayjob_matches_the_image(rendered):
     workdir = re.search(r"^WORKDIR (\S+)", dockerfile, re.M)[1]
     script = one(rendered["rayjob"], "RayJob")["spec"]["entrypoint"].split()[1]
     assert script.startswith(workdir + "/")
-    assert (kc.REPO / script[len(workdir) + 1:]).is_file(), f"{script} is not in the repository"
+    assert (kc.REPO / script[len(workdir) + 1 :]).is_file(), f"{script} is not in the repository"

@@ -5,9 +5,8 @@ from __future__ import annotations
 import copy
 import re
 
-import pytest
-
 import k8s_checks as kc
+import pytest
 from k8s_checks import OVERLAYS
 
 
@@ -25,6 +24,7 @@ def test_every_pod_meets_policy(rendered, overlay):
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_no_plaintext_secrets_anywhere(rendered, overlay):
     """No Secret objects, and no token-like env var carries a literal value in any object."""
+
     def walk(node):
         if isinstance(node, dict):
             if "name" in node and kc.SECRET_NAME.search(str(node["name"])) and "value" in node:
@@ -45,8 +45,14 @@ def test_policy_check_catches_violations(rendered):
     good = job["spec"]["template"]["spec"]
     assert kc.policy_violations(good) == []
     breaks = {
-        "runAsNonRoot": lambda s, c: (s["securityContext"].pop("runAsNonRoot"), c["securityContext"].pop("runAsNonRoot")),
-        "runAsUser": lambda s, c: (s["securityContext"].__setitem__("runAsUser", 0), c["securityContext"].pop("runAsUser")),
+        "runAsNonRoot": lambda s, c: (
+            s["securityContext"].pop("runAsNonRoot"),
+            c["securityContext"].pop("runAsNonRoot"),
+        ),
+        "runAsUser": lambda s, c: (
+            s["securityContext"].__setitem__("runAsUser", 0),
+            c["securityContext"].pop("runAsUser"),
+        ),
         "allowPrivilegeEscalation": lambda s, c: c["securityContext"].pop("allowPrivilegeEscalation"),
         "drop ALL": lambda s, c: c["securityContext"]["capabilities"].__setitem__("drop", ["NET_RAW"]),
         "writable": lambda s, c: c["securityContext"].__setitem__("readOnlyRootFilesystem", False),
@@ -56,7 +62,8 @@ def test_policy_check_catches_violations(rendered):
         "no tag": lambda s, c: c.__setitem__("image", "registry.example.com:5000/ssgd-dist"),
         "secretKeyRef": lambda s, c: c["env"].append({"name": "RAY_AUTH_TOKEN", "value": "abc"}),
         "/dev/shm": lambda s, c: s["volumes"].__setitem__(
-            next(i for i, v in enumerate(s["volumes"]) if v["name"] == "dshm"), {"name": "dshm", "emptyDir": {}}),
+            next(i for i, v in enumerate(s["volumes"]) if v["name"] == "dshm"), {"name": "dshm", "emptyDir": {}}
+        ),
         "hostNetwork": lambda s, c: s.__setitem__("hostNetwork", True),
     }
     for what, mutate in breaks.items():

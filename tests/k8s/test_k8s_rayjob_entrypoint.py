@@ -20,13 +20,23 @@ def test_rayjob_entrypoint_runs_on_a_token_auth_cluster(rendered, ray_cluster, t
     assert argv[:2] == ["python", "/app/launch/ray_job.py"]
 
     config = tmp_path / "config.yaml"
-    config.write_text(yaml.safe_dump({
-        "method": "ssgd", "device": "cpu", "model": {"name": "mlp", "hidden": [32, 32]},
-        "data": {"name": "mnist1d", "num_samples": 2000, "batch_size": 200},
-        "optim": {"lr": 0.5}, "train": {"max_steps": 4, "progress": False, "num_threads": 1},
-    }))  # fmt: skip
-    replace = {"/app/launch/ray_job.py": "launch/ray_job.py", "/etc/ssgd/config.yaml": str(config),
-               "/data/runs": str(tmp_path / "runs")}  # fmt: skip
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "method": "ssgd",
+                "device": "cpu",
+                "model": {"name": "mlp", "hidden": [32, 32]},
+                "data": {"name": "mnist1d", "num_samples": 2000, "batch_size": 200},
+                "optim": {"lr": 0.5},
+                "train": {"max_steps": 4, "progress": False, "num_threads": 1},
+            }
+        )
+    )
+    replace = {
+        "/app/launch/ray_job.py": "launch/ray_job.py",
+        "/etc/ssgd/config.yaml": str(config),
+        "/data/runs": str(tmp_path / "runs"),
+    }
     argv = [replace.get(a, a) for a in argv if a != "--use-gpu"]
     argv[argv.index("--num-workers") + 1] = "2"
 

@@ -15,9 +15,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-import yaml
-
 import k8s_checks as kc
+import yaml
 
 # Set by torchrun or a parent job; the "pods" must see only what their manifest gives them.
 _LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
@@ -36,9 +35,14 @@ def free_port() -> int:
 
 def local_path(path: str, tmp: Path, pod: Path) -> str:
     """Where a container path lives in this test: the config and cache shared, runs and /tmp per pod."""
-    for prefix, target in (("/etc/ssgd/", tmp / "etc"), ("/data/runs/", pod / "runs"), ("/data/", tmp / "data"), ("/tmp", pod / "tmp")):
+    for prefix, target in (
+        ("/etc/ssgd/", tmp / "etc"),
+        ("/data/runs/", pod / "runs"),
+        ("/data/", tmp / "data"),
+        ("/tmp", pod / "tmp"),
+    ):
         if path == prefix.rstrip("/") or path.startswith(prefix):
-            return str(target / path[len(prefix):].lstrip("/"))
+            return str(target / path[len(prefix) :].lstrip("/"))
     return path
 
 
@@ -75,10 +79,19 @@ def test_cpu_smoke_pods_train_together(rendered, tmp_path):
         proc_env.update({k: local_path(v, tmp_path, pod) for k, v in env.items()})
         proc_env["PYTHONPATH"] = os.pathsep.join([str(kc.REPO), os.environ.get("PYTHONPATH", "")])
         log = open(pod / "log.txt", "w")
-        procs.append((pod, log, subprocess.Popen(
-            [sys.executable, "-m", "torch.distributed.run", *args],  # = the image's `torchrun`
-            cwd=pod, env=proc_env, stdout=log, stderr=subprocess.STDOUT,
-        )))
+        procs.append(
+            (
+                pod,
+                log,
+                subprocess.Popen(
+                    [sys.executable, "-m", "torch.distributed.run", *args],  # = the image's `torchrun`
+                    cwd=pod,
+                    env=proc_env,
+                    stdout=log,
+                    stderr=subprocess.STDOUT,
+                ),
+            )
+        )
     try:
         for pod, log, proc in procs:
             rc = proc.wait(timeout=180)
@@ -96,8 +109,11 @@ def test_cpu_smoke_pods_train_together(rendered, tmp_path):
     run_dirs = [pod / "runs" / run_name for pod, _, _ in procs]
     rank0 = run_dirs[0]
     assert (rank0 / "config.yaml").is_file() and (rank0 / "metrics.jsonl").is_file()
-    states = [torch.load(d / "checkpoints" / "last.pt", weights_only=True) for d in run_dirs
-              if (d / "checkpoints" / "last.pt").is_file()]
+    states = [
+        torch.load(d / "checkpoints" / "last.pt", weights_only=True)
+        for d in run_dirs
+        if (d / "checkpoints" / "last.pt").is_file()
+    ]
     assert states, "rank 0 wrote no checkpoints/last.pt"
     assert states[0]["world_size"] == pods * int(env["NPROC_PER_NODE"])
     assert states[0]["step"] == cfg["train"]["max_steps"]

@@ -20,11 +20,23 @@ REPO = Path(__file__).resolve().parents[2]
 WORKERS = 2
 STEPS = 6
 TINY = [
-    "--config", "quickstart",
-    "--set", f"train.max_steps={STEPS}", "--set", "train.checkpoint_every=2",
-    "--set", "data.num_samples=2000", "--set", "data.batch_size=200", "--set", "model.hidden=[32,32]",
-    "--set", "train.num_threads=1", "--set", "train.progress=false",
-]  # fmt: skip
+    "--config",
+    "quickstart",
+    "--set",
+    f"train.max_steps={STEPS}",
+    "--set",
+    "train.checkpoint_every=2",
+    "--set",
+    "data.num_samples=2000",
+    "--set",
+    "data.batch_size=200",
+    "--set",
+    "model.hidden=[32,32]",
+    "--set",
+    "train.num_threads=1",
+    "--set",
+    "train.progress=false",
+]
 
 
 def params(run_dir: Path) -> dict:
@@ -53,10 +65,25 @@ def torchrun_reference(tmp_path_factory) -> Path:
     """The same tiny config on 2 torchrun ranks (gloo): the parameters every Ray run must reproduce."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
     proc = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={WORKERS}",
-         "-m", "ssgd_dist.cli", "train", *TINY, "--run-dir", str(run_dir)],
-        cwd=REPO, capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={WORKERS}",
+            "-m",
+            "ssgd_dist.cli",
+            "train",
+            *TINY,
+            "--run-dir",
+            str(run_dir),
+        ],
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert proc.returncode == 0, job_output(proc)
     return run_dir
 
@@ -83,8 +110,11 @@ def test_submit_two_workers_matches_torchrun(ray_cluster, torchrun_reference, tm
 
     report = subprocess.run(
         [sys.executable, "-m", "ssgd_dist.cli", "report", str(run_dir), "--out", str(tmp_path / "report")],
-        cwd=REPO, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert report.returncode == 0, report.stderr
     assert "| ssgd-halves | 200 | 1 |" in (tmp_path / "report" / "report.md").read_text()
 
@@ -102,9 +132,18 @@ def test_worker_crash_restarts_and_resumes_exactly(ray_cluster, torchrun_referen
     storage = tmp_path / "storage"
     extra = ["--local-dir", str(tmp_path / "local")] if where == "mirrored" else []
     proc = submit_job(
-        ray_cluster, *TINY, "--set", "train.crash_at_step=3", "--max-failures", "1",
-        "--storage-path", str(storage), "--name", "ft", *extra,
-    )  # fmt: skip
+        ray_cluster,
+        *TINY,
+        "--set",
+        "train.crash_at_step=3",
+        "--max-failures",
+        "1",
+        "--storage-path",
+        str(storage),
+        "--name",
+        "ft",
+        *extra,
+    )
     assert proc.returncode == 0, job_output(proc)
     assert "succeeded" in proc.stdout, job_output(proc)
     assert "resumed from" in proc.stdout and "at step 2/6" in proc.stdout, job_output(proc)
