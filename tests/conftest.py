@@ -9,6 +9,8 @@ from pathlib import Path
 
 import pytest
 
+from ssgd_dist.launchers.torchrun import torchrun_command
+
 REPO = Path(__file__).resolve().parents[1]
 
 
@@ -20,18 +22,19 @@ def data_cache(tmp_path_factory):
     return Path(cache)
 
 
-TINY = [
-    "--set",
+def sets(*assignments: str) -> list[str]:
+    """``--set`` flags for the CLI: ``sets("a=1", "b=2")`` is ``["--set", "a=1", "--set", "b=2"]``."""
+    return [arg for assignment in assignments for arg in ("--set", assignment)]
+
+
+# A run small enough for a test: a 40-32-32-10 MLP on 2000 generated examples, batch 200.
+TINY = sets(
     "data.num_samples=2000",
-    "--set",
     "data.batch_size=200",
-    "--set",
     "model.hidden=[32,32]",
-    "--set",
     "train.progress=false",
-    "--set",
     "train.num_threads=1",
-]
+)
 
 
 def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
@@ -46,17 +49,9 @@ def run_cli(*args: str, timeout: int = 300, env: dict | None = None) -> subproce
 
 
 def run_torchrun(nproc: int, *args: str, timeout: int = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    """The product's own torchrun command, with its output captured."""
     return subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={nproc}",
-            "-m",
-            "ssgd_dist.cli",
-            *args,
-        ],
+        torchrun_command(nproc, list(args)),
         cwd=REPO,
         capture_output=True,
         text=True,

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, run_cli, run_torchrun
+from tests.conftest import REPO, TINY, run_cli, run_torchrun, sets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import EXTRA_METHODS, METHODS, RESUMED, STAGES, all_cases, run_worker  # noqa: E402
@@ -213,12 +213,7 @@ def test_torchrun_cli_trains_with_the_deepspeed_backend(tmp_path):
         "--config",
         "quickstart",
         *TINY,
-        "--set",
-        "train.max_steps=2",
-        "--set",
-        "backend=deepspeed",
-        "--set",
-        "deepspeed.zero_stage=2",
+        *sets("train.max_steps=2", "backend=deepspeed", "deepspeed.zero_stage=2"),
         "--run-dir",
         str(run_dir),
         timeout=300,
@@ -249,12 +244,7 @@ def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
             "--config",
             "quickstart",
             *TINY,
-            "--set",
-            "train.max_steps=2",
-            "--set",
-            "backend=deepspeed",
-            "--set",
-            "deepspeed.zero_stage=1",
+            *sets("train.max_steps=2", "backend=deepspeed", "deepspeed.zero_stage=1"),
             "--run-dir",
             str(run_dir),
         ],

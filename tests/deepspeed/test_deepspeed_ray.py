@@ -7,14 +7,12 @@ config under torchrun. Slow (a Ray head plus a job): ``-m "not slow"`` leaves it
 from __future__ import annotations
 
 import importlib.util
-import os
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from tests.conftest import REPO
+from tests.conftest import TINY as BASE
+from tests.conftest import run_torchrun, sets
 
 pytestmark = [
     pytest.mark.deepspeed,
@@ -24,52 +22,14 @@ pytestmark = [
     pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install -e '.[ray]'"),
 ]
 
-TINY = [
-    "--config",
-    "quickstart",
-    "--set",
-    "train.max_steps=4",
-    "--set",
-    "train.checkpoint_every=2",
-    "--set",
-    "data.num_samples=2000",
-    "--set",
-    "data.batch_size=200",
-    "--set",
-    "model.hidden=[32,32]",
-    "--set",
-    "train.num_threads=1",
-    "--set",
-    "train.progress=false",
-]
+TINY = ["--config", "quickstart", *BASE, *sets("train.max_steps=4", "train.checkpoint_every=2")]
 
 
 def test_ray_train_workers_run_the_deepspeed_backend(tmp_path):
     from tests.ray_cluster import start_cluster
 
     reference = tmp_path / "ddp"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            "--nproc_per_node=2",
-            "-m",
-            "ssgd_dist.cli",
-            "train",
-            *TINY,
-            "--set",
-            "backend=ddp",
-            "--run-dir",
-            str(reference),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(2, "train", *TINY, "--set", "backend=ddp", "--run-dir", str(reference))
     assert proc.returncode == 0, proc.stderr[-3000:]
 
     cluster = start_cluster(num_cpus=2, log_dir=tmp_path / "ray-head")

@@ -7,36 +7,19 @@ Ray must only change who starts the processes, never what they compute.
 from __future__ import annotations
 
 import json
-import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
+from tests.conftest import TINY as BASE
+from tests.conftest import run_cli, run_torchrun, sets
+
 pytestmark = pytest.mark.ray
 
-REPO = Path(__file__).resolve().parents[2]
 WORKERS = 2
 STEPS = 6
-TINY = [
-    "--config",
-    "quickstart",
-    "--set",
-    f"train.max_steps={STEPS}",
-    "--set",
-    "train.checkpoint_every=2",
-    "--set",
-    "data.num_samples=2000",
-    "--set",
-    "data.batch_size=200",
-    "--set",
-    "model.hidden=[32,32]",
-    "--set",
-    "train.num_threads=1",
-    "--set",
-    "train.progress=false",
-]
+TINY = ["--config", "quickstart", *BASE, *sets(f"train.max_steps={STEPS}", "train.checkpoint_every=2")]
 
 
 def params(run_dir: Path) -> dict:
@@ -64,26 +47,7 @@ def submit_job(cluster, *args: str, timeout: float = 400) -> subprocess.Complete
 def torchrun_reference(tmp_path_factory) -> Path:
     """The same tiny config on 2 torchrun ranks (gloo): the parameters every Ray run must reproduce."""
     run_dir = tmp_path_factory.mktemp("torchrun") / "run"
-    proc = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "torch.distributed.run",
-            "--standalone",
-            f"--nproc_per_node={WORKERS}",
-            "-m",
-            "ssgd_dist.cli",
-            "train",
-            *TINY,
-            "--run-dir",
-            str(run_dir),
-        ],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        env={**os.environ, "OMP_NUM_THREADS": "1"},
-    )
+    proc = run_torchrun(WORKERS, "train", *TINY, "--run-dir", str(run_dir))
     assert proc.returncode == 0, job_output(proc)
     return run_dir
 
@@ -108,13 +72,7 @@ def test_submit_two_workers_matches_torchrun(ray_cluster, torchrun_reference, tm
     assert_same_params(run_dir, torchrun_reference)
     assert_same_params(run_dir / "checkpoint-step-00000006", torchrun_reference)
 
-    report = subprocess.run(
-        [sys.executable, "-m", "ssgd_dist.cli", "report", str(run_dir), "--out", str(tmp_path / "report")],
-        cwd=REPO,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    report = run_cli("report", str(run_dir), "--out", str(tmp_path / "report"), timeout=120)
     assert report.returncode == 0, report.stderr
     assert "| ssgd-halves | 200 | 1 |" in (tmp_path / "report" / "report.md").read_text()
 
