@@ -4,6 +4,11 @@ Layout under ``RUN_DIR/checkpoints``: ``step-00000123.pt`` files (the newest ``n
 ``last.pt`` (a hard link to the newest, or a copy where links are not supported) and
 ``manifest.json`` with each file's SHA-256. A checkpoint is a plain dict of tensors and numbers, so
 ``torch.load(..., weights_only=True)`` reads it and nothing in it can execute code.
+
+Finding the checkpoint to resume from never crashes on what it finds: a damaged manifest is ignored
+(every file is then checked by loading it), and a candidate that fails its checksum, does not load,
+has a name that does not parse, or that the caller's ``accept`` turns down (another run's
+configuration, another model's shapes, a missing key) is reported and skipped for the next older one.
 """
 
 from __future__ import annotations
@@ -11,28 +16,23 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
+import re
 import sys
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import torch
 
+from .files import atomic_copy, atomic_write, atomic_write_bytes, fsync_dir, temporary_path
+
 LAST = "last.pt"
 MANIFEST = "manifest.json"
+_STEP_FILE = re.compile(r"^step-(\d+)\.pt$")
 
-
-def _fsync_dir(path: Path) -> None:
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
+# Why a loaded checkpoint cannot be resumed (None: it can). Called with the loaded dict.
+Accept = Callable[[dict[str, Any]], "str | None"]
 
 
 def sha256_of(path: Path) -> str:
@@ -43,60 +43,70 @@ def sha256_of(path: Path) -> str:
     return h.hexdigest()
 
 
-def atomic_write_bytes(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
-    _fsync_dir(path.parent)
+def state_nbytes(obj: Any) -> int:
+    """About the bytes ``torch.save(obj)`` writes: its tensors' storage (what a full disk needs to know)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.numel() * obj.element_size()
+    if isinstance(obj, dict):
+        return sum(state_nbytes(v) for v in obj.values())
+    if isinstance(obj, (list, tuple)):
+        return sum(state_nbytes(v) for v in obj)
+    return len(obj) if isinstance(obj, (str, bytes)) else 8
 
 
 def _atomic_torch_save(obj: Any, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    atomic_write(path, lambda f: torch.save(obj, f), needed=state_nbytes(obj) + (1 << 16))
 
 
-def _read_manifest(ckpt_dir: Path) -> dict[str, str]:
+def read_manifest(ckpt_dir: Path) -> tuple[dict[str, str], str | None]:
+    """(file name -> SHA-256, what is wrong with the manifest or None). A missing manifest is not wrong."""
     try:
-        return json.loads((ckpt_dir / MANIFEST).read_text())
-    except (OSError, ValueError):
-        return {}
+        data = json.loads((ckpt_dir / MANIFEST).read_text())
+    except FileNotFoundError:
+        return {}, None
+    except (OSError, ValueError) as exc:
+        return {}, f"cannot be read ({type(exc).__name__}: {exc})"
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        return {}, "is not an object of file names to checksums"
+    return data, None
 
 
-def _step_of(path: Path) -> int:
-    return int(path.stem.removeprefix("step-"))
+def step_of(path: Path) -> int | None:
+    """The step of a ``step-N.pt`` file; None for any other name."""
+    match = _STEP_FILE.match(Path(path).name)
+    return int(match.group(1)) if match else None
 
 
 def save_checkpoint(run_dir: Path, state: dict[str, Any], step: int, num_to_keep: int = 2) -> Path:
-    """Write ``step-N.pt`` atomically, point ``last.pt`` at it, record checksums, prune old ones."""
+    """Write ``step-N.pt`` atomically, point ``last.pt`` at it, record checksums, prune old ones.
+
+    A full disk raises ``DiskFullError`` and leaves the previous checkpoints as they were.
+    """
     ckpt_dir = Path(run_dir) / "checkpoints"
     ckpt_dir.mkdir(parents=True, exist_ok=True)
     path = ckpt_dir / f"step-{step:08d}.pt"
     _atomic_torch_save(state, path)
     digest = sha256_of(path)
 
-    tmp_last = ckpt_dir / f".{LAST}.tmp{os.getpid()}"
+    tmp_last = temporary_path(ckpt_dir / LAST)
     tmp_last.unlink(missing_ok=True)
     try:
         os.link(path, tmp_last)
     except OSError:
-        shutil.copyfile(path, tmp_last)
-    os.replace(tmp_last, ckpt_dir / LAST)
+        atomic_copy(path, ckpt_dir / LAST)
+    else:
+        os.replace(tmp_last, ckpt_dir / LAST)
+        fsync_dir(ckpt_dir)
 
-    # Files past this step belong to a timeline abandoned after a fallback: they go first.
-    for stale in ckpt_dir.glob("step-*.pt"):
-        if _step_of(stale) > step:
-            stale.unlink(missing_ok=True)
-    steps = sorted(ckpt_dir.glob("step-*.pt"), key=_step_of)
+    # Files past this step belong to a timeline abandoned after a fallback: they go first. Names that
+    # are not ``step-N.pt`` are not ours: they stay.
+    steps = sorted((p for p in ckpt_dir.glob("step-*.pt") if step_of(p) is not None), key=step_of)
+    for stale in [p for p in steps if step_of(p) > step]:
+        stale.unlink(missing_ok=True)
+    steps = [p for p in steps if step_of(p) <= step]
     for old in steps[: max(0, len(steps) - max(1, num_to_keep))]:
         old.unlink(missing_ok=True)
-    manifest = {name: d for name, d in _read_manifest(ckpt_dir).items() if (ckpt_dir / name).exists()}
+    manifest = {name: d for name, d in read_manifest(ckpt_dir)[0].items() if (ckpt_dir / name).exists()}
     manifest[path.name] = digest
     manifest[LAST] = digest
     atomic_write_bytes(ckpt_dir / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True).encode())
@@ -108,29 +118,84 @@ def load_checkpoint_file(path: Path, map_location: str | torch.device = "cpu") -
     return torch.load(path, map_location=map_location, weights_only=True)
 
 
-def load_latest(run_dir: Path, map_location: str | torch.device = "cpu") -> tuple[dict[str, Any], Path] | None:
-    """The newest checkpoint that matches its checksum and loads; corrupt ones are reported and skipped."""
+@dataclass
+class Found:
+    """What ``find_latest`` found: the newest usable checkpoint (or None) and every candidate it skipped."""
+
+    state: dict[str, Any] | None = None
+    path: Path | None = None
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+
+
+def _report(path: Path, reason: str) -> None:
+    print(f"ssgd-dist: checkpoint {path} {reason}; trying an older one", file=sys.stderr, flush=True)
+
+
+def try_candidate(
+    path: Path, expected_sha: str | None, map_location: str | torch.device, accept: Accept | None
+) -> tuple[dict[str, Any] | None, str | None]:
+    """(the loaded checkpoint, None) if ``path`` is usable, else (None, why not)."""
+    try:
+        if expected_sha is not None and sha256_of(path) != expected_sha:
+            return None, "fails its checksum (truncated or corrupted)"
+    except OSError as exc:
+        return None, f"cannot be read ({type(exc).__name__}: {exc})"
+    try:
+        state = load_checkpoint_file(path, map_location)
+    except Exception as exc:  # noqa: BLE001 - any unreadable file means: fall back to an older one
+        return None, f"cannot be loaded ({type(exc).__name__}: {exc})".replace("\n", " ")
+    if not isinstance(state, dict):
+        return None, f"cannot be loaded (it holds a {type(state).__name__}, not a checkpoint's dict)"
+    reason = accept(state) if accept is not None else None
+    return (None, reason) if reason else (state, None)
+
+
+def find_latest(run_dir: Path, map_location: str | torch.device = "cpu", accept: Accept | None = None) -> Found:
+    """The newest checkpoint that matches its checksum, loads and that ``accept`` takes; each one skipped on
+    the way is reported on stderr and listed in ``Found.skipped``."""
+    found = Found()
     ckpt_dir = Path(run_dir) / "checkpoints"
     if not ckpt_dir.is_dir():
-        return None
-    manifest = _read_manifest(ckpt_dir)
+        return found
+    manifest, problem = read_manifest(ckpt_dir)
+    if problem:
+        print(
+            f"ssgd-dist: {ckpt_dir / MANIFEST} {problem}; every checkpoint is checked by loading it instead",
+            file=sys.stderr,
+            flush=True,
+        )
+
+    def skip(path: Path, reason: str) -> None:
+        _report(path, reason)
+        found.skipped.append((path, reason))
+
+    files = sorted(ckpt_dir.glob("step-*.pt"))
+    for stray in [p for p in files if step_of(p) is None]:
+        skip(stray, "has a name that is not step-<number>.pt (not written by ssgd-dist)")
     # Newest step file first: a crash between writing it and relinking last.pt loses nothing.
-    candidates = sorted(ckpt_dir.glob("step-*.pt"), key=_step_of, reverse=True)
-    if (ckpt_dir / LAST).exists():
-        candidates.append(ckpt_dir / LAST)
+    candidates = sorted((p for p in files if step_of(p) is not None), key=step_of, reverse=True)
+    last = ckpt_dir / LAST
+    if last.is_file() and not any(_same_file(last, p) for p in candidates):
+        candidates.append(last)  # a link to a step file already tried would only repeat it
     for path in candidates:
-        expected = manifest.get(path.name)
-        if expected is not None and sha256_of(path) != expected:
-            print(
-                f"ssgd-dist: checkpoint {path} fails its checksum (truncated or corrupted); trying an older one",
-                file=sys.stderr,
-            )
-            continue
-        try:
-            return load_checkpoint_file(path, map_location), path
-        except Exception as exc:  # noqa: BLE001 - any unreadable file means: fall back to an older one
-            print(
-                f"ssgd-dist: checkpoint {path} cannot be loaded ({type(exc).__name__}: {exc}); trying an older one",
-                file=sys.stderr,
-            )
-    return None
+        state, reason = try_candidate(path, manifest.get(path.name), map_location, accept)
+        if state is not None:
+            found.state, found.path = state, path
+            return found
+        skip(path, reason)
+    return found
+
+
+def _same_file(a: Path, b: Path) -> bool:
+    try:
+        return os.path.samefile(a, b)
+    except OSError:
+        return False
+
+
+def load_latest(
+    run_dir: Path, map_location: str | torch.device = "cpu", accept: Accept | None = None
+) -> tuple[dict[str, Any], Path] | None:
+    """The newest usable checkpoint and its path (``find_latest``), or None."""
+    found = find_latest(run_dir, map_location, accept)
+    return (found.state, found.path) if found.state is not None else None

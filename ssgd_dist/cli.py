@@ -1,7 +1,8 @@
 """``ssgd-dist``: train, quickstart, sweep, report, flatness and bench.
 
-User mistakes (bad config values, missing data, impossible launch settings) exit with code 2 and one
-line naming the input and the fix; a non-finite loss under ``on_nonfinite: stop`` exits with 3.
+User mistakes (bad config values, missing data, impossible launch settings, a run directory in use or
+holding another run) exit with code 2 and one line naming the input and the fix; a non-finite loss or
+weights under ``on_nonfinite: stop`` exit with 3; a full disk with 4; SIGINT/SIGTERM with 128 + signal.
 """
 
 from __future__ import annotations
@@ -12,12 +13,17 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import EXIT_CONFIG, EXIT_NONFINITE, ConfigError, NonFiniteError
+from .errors import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_NONFINITE, ConfigError, DiskFullError, NonFiniteError, Stopped
 from .launchers.torchrun import run_torchrun
 
 
 def _is_rank0() -> bool:
-    return os.environ.get("RANK", "0") == "0"
+    """Rank 0 prints; so does a process whose RANK/WORLD_SIZE are themselves the mistake (none else would)."""
+    try:
+        rank, world_size = int(os.environ.get("RANK") or 0), int(os.environ.get("WORLD_SIZE") or 1)
+    except ValueError:
+        return True
+    return rank == 0 or not 0 <= rank < world_size
 
 
 def _default_run_dir(config: str, method: str, seed: int) -> Path:
@@ -258,6 +264,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--model", help=bench_help("model", show_default=True))
     p.add_argument("--batch-size", type=int, help=bench_help("batch_size"))
     p.add_argument("--world-size", type=int, help=bench_help("world_size"))
+    p.add_argument("--accumulation-steps", type=int, help=bench_help("accumulation_steps"))
     p.add_argument("--steps", type=int, help=bench_help("steps"))
     p.add_argument("--warmup", type=int, help=bench_help("warmup"))
     p.add_argument("--burst", type=int, help=bench_help("burst"))
@@ -320,11 +327,16 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_CONFIG
     except NonFiniteError as exc:
         if _is_rank0():
-            print(
-                f"ssgd-dist: stopped: {exc}; set train.on_nonfinite=skip to skip such steps, or lower optim.lr",
-                file=sys.stderr,
-            )
+            print(f"ssgd-dist: stopped: {exc}; {exc.hint}", file=sys.stderr)
         return EXIT_NONFINITE
+    except DiskFullError as exc:
+        if _is_rank0():
+            print(f"ssgd-dist: error: {exc}", file=sys.stderr)
+        return EXIT_DISK_FULL
+    except Stopped as exc:
+        if _is_rank0():
+            print(f"ssgd-dist: {exc}; run the same command again to resume from the last checkpoint", file=sys.stderr)
+        return exc.exit_code
 
 
 if __name__ == "__main__":

@@ -2,25 +2,88 @@
 
 Every knob the paper's abstract leaves open is a field here with a documented default, so a run's
 ``config.yaml`` states the whole experiment. Unknown keys are errors (typos must not silently fall
-back to a default), and every error names the field, the bad value and what is allowed.
+back to a default), and every error names the field, the bad value (cut to about 80 characters) and what
+is allowed. Values are strict where YAML is loose: a number is a finite number (not text, not true/false)
+within float32 / int64, a boolean is true or false, a path has no NUL and no over-long part. YAML itself
+is read by ``safe_yaml`` (bounded: size, depth, no aliases, no duplicate keys, YAML 1.2 scalars).
 """
 
 from __future__ import annotations
 
 import difflib
+import math
+import types
+import typing
 from collections.abc import Callable
 from importlib import resources
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
+from . import safe_yaml
 from .errors import ConfigError
+from .safe_yaml import clip, shown
+
+FLOAT32_MAX = 3.4028234663852886e38  # the models run in float32 or narrower: a larger factor overflows there
+INT64_LIMIT = 2**63  # integers reach torch (seeds, sizes, steps) as int64
+MAX_PROBLEMS = 5  # validation problems listed in one message; the rest are counted
+PATH_MAX, NAME_MAX = 4096, 255  # bytes of a path and of one of its parts (Linux)
+
+
+def _plain(value: Any, annotation: Any) -> Any:
+    """Refuse what pydantic's lax mode would coerce: text or true/false where a number is meant ("010" would
+    be 10, true would be 1), anything but true/false where a boolean is meant ("yes", "off", 1), and numbers
+    outside int64 / float32. Lists and tuples are checked element by element."""
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Annotated:
+        return _plain(value, args[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in args if a is not type(None)]
+        return value if value is None or len(kinds) != 1 else _plain(value, kinds[0])
+    if origin in (list, tuple) and isinstance(value, (list, tuple)):
+        items = args[:1] * len(value) if origin is list or args[-1:] == (Ellipsis,) else args
+        for item, kind in zip(value, items):
+            _plain(item, kind)
+        return value
+    if annotation is bool and not isinstance(value, bool):
+        raise PydanticCustomError("bool_type", "Input should be true or false")
+    if annotation in (int, float):
+        kind = "a valid integer" if annotation is int else "a valid number"
+        if isinstance(value, bool):
+            raise PydanticCustomError("number_type", f"Input should be {kind}, not true/false")
+        if isinstance(value, str):
+            raise PydanticCustomError("number_type", f"Input should be {kind} (decimal, unquoted), not text")
+        if isinstance(value, int) and not -INT64_LIMIT <= value < INT64_LIMIT:
+            raise PydanticCustomError("int64_range", "Input should fit in int64 (-2**63 <= value < 2**63)")
+        if isinstance(value, float) and math.isfinite(value) and abs(value) > FLOAT32_MAX:
+            raise PydanticCustomError("float32_range", "Input should be within the float32 range (|value| <= 3.4e38)")
+    return value
+
+
+def _path(value: str | None) -> str | None:
+    """A directory name the OS can open: no NUL, at most PATH_MAX bytes, every part at most NAME_MAX bytes."""
+    if value is None:
+        return value
+    if "\0" in value:
+        raise PydanticCustomError("path", "a path cannot contain a NUL character")
+    encoded = value.encode("utf-8", "surrogateescape")
+    if len(encoded) > PATH_MAX or any(len(part) > NAME_MAX for part in encoded.split(b"/")):
+        raise PydanticCustomError(
+            "path", f"a path of at most {PATH_MAX} bytes, each part between slashes at most {NAME_MAX}"
+        )
+    return value
 
 
 class _Section(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _plain_values(cls, value: Any, info: ValidationInfo) -> Any:
+        return _plain(value, cls.model_fields[info.field_name].annotation)
 
 
 class NoiseConfig(_Section):
@@ -57,19 +120,47 @@ class SAMConfig(_Section):
 
 class ModelConfig(_Section):
     name: Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "vgg16_bn", "wrn16_4"] = "mlp"
-    hidden: list[int] = Field(default_factory=lambda: [256, 256], description="MLP hidden widths")
-    batchnorm: bool = True
+    hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
+        default_factory=lambda: [256, 256], max_length=64, description="MLP hidden widths (each 1..65536, at most 64)"
+    )
+    batchnorm: bool = Field(
+        True, description="cnn1d: BatchNorm after each convolution (the CIFAR models always have it)"
+    )
+    bn_mode: Literal["local", "sync", "ghost"] = Field(
+        "local",
+        description="which samples a BatchNorm forward normalises together: each rank's own (local), every "
+        "rank's samples of the same forward (sync), or fixed ghost batches of the global batch (ghost); "
+        "sync and ghost make a BatchNorm model world-size invariant (docs/methods.md)",
+    )
+    bn_ghost_batch: int | None = Field(None, ge=2, description="bn_mode ghost: samples per ghost batch")
+
+    @model_validator(mode="after")
+    def _check_ghost(self) -> ModelConfig:
+        if self.bn_mode == "ghost" and self.bn_ghost_batch is None:
+            raise ValueError(
+                "model.bn_mode = ghost: needs model.bn_ghost_batch, the samples per ghost batch (e.g. 32); "
+                "it must divide every rank's share of each forward"
+            )
+        return self
+
+    @property
+    def has_batchnorm(self) -> bool:
+        return self.name != "mlp" and (self.name != "cnn1d" or self.batchnorm)
 
 
 class DataConfig(_Section):
     name: Literal["mnist1d", "digits", "synthetic", "cifar10", "cifar100"] = "mnist1d"
     batch_size: int = Field(2000, ge=1, description="global batch size, summed over all ranks")
     train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
-    num_samples: int = Field(10000, ge=100, description="MNIST-1D examples generated (80% train)")
+    num_samples: int = Field(
+        10000, ge=100, le=1_000_000, description="MNIST-1D examples generated (80% train); 1M take minutes"
+    )
     root: str | None = Field(None, description="directory with the CIFAR binary files")
     cache_dir: str | None = Field(None, description="where generated data sets are cached")
     augment: bool = Field(True, description="random crop + flip for CIFAR")
     eval_batch_size: int = Field(1000, ge=1)
+
+    _check_paths = field_validator("root", "cache_dir")(_path)
 
 
 class OptimConfig(_Section):
@@ -88,12 +179,17 @@ class OptimConfig(_Section):
         None, ge=1, description="linear scaling: lr is multiplied by batch_size / reference_batch_size"
     )
     clip_grad_norm: float | None = Field(None, gt=0)
-    betas: tuple[float, float] = (0.9, 0.999)
+    betas: tuple[Annotated[float, Field(ge=0, lt=1)], Annotated[float, Field(ge=0, lt=1)]] = Field(
+        (0.9, 0.999), description="AdamW's two moment decay rates, each in [0, 1)"
+    )
     trust_coefficient: float = Field(0.001, gt=0, description="LARS trust coefficient")
 
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
+    accumulation_steps: int = Field(
+        1, ge=1, description="micro-steps per optimizer step: each rank's share of the global batch in k pieces"
+    )
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
     checkpoint_every: int = Field(0, ge=0, description="steps between checkpoints; 0: at every epoch end")
     eval_every: int = Field(1, ge=1, description="epochs between evaluations")
@@ -105,7 +201,7 @@ class TrainConfig(_Section):
     log_every: int = Field(
         10, ge=1, description="steps whose loss and gradient norm are read from the device at once (one host sync)"
     )
-    num_threads: int | None = Field(None, ge=1, description="torch intra-op threads per process")
+    num_threads: int | None = Field(None, ge=1, le=1024, description="torch intra-op threads per process")
     progress: bool = True
     bn_recalibrate: bool = Field(
         False, description="recompute BatchNorm running statistics at w (no noise) before each evaluation"
@@ -128,7 +224,7 @@ class DeepSpeedConfig(_Section):
 
 class Config(_Section):
     method: Literal["sgd", "ssgd", "gni", "smoothout", "sam"] = "ssgd"
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=INT64_LIMIT, description="0 <= seed < 2**63 (torch takes seed + a stream offset)")
     backend: Literal["auto", "local", "ddp", "deepspeed"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
@@ -146,6 +242,13 @@ class Config(_Section):
             raise ValueError(
                 f"data.batch_size = {self.data.batch_size}: 'halves' splits every batch in two; use an even batch size"
             )
+        reference = self.optim.reference_batch_size
+        if reference and self.optim.lr * self.data.batch_size / reference > FLOAT32_MAX:
+            raise ValueError(
+                f"optim.lr = {self.optim.lr:g} scaled by data.batch_size / optim.reference_batch_size = "
+                f"{self.data.batch_size} / {reference} is past the float32 range (3.4e38); lower optim.lr or raise "
+                "optim.reference_batch_size"
+            )
         return self
 
     def to_dict(self) -> dict[str, Any]:
@@ -157,11 +260,18 @@ def packaged_config_names() -> list[str]:
 
 
 def read_config_yaml(name_or_path: str) -> dict[str, Any]:
+    """A config file or packaged config as a mapping, read by ``safe_yaml`` (bounded and strict)."""
+    what = f"--config {clip(name_or_path)}"
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"--config {name_or_path}: no such file")
-        text = path.read_text()
+    try:
+        exists = path.exists()
+        is_file = exists and path.is_file()
+    except OSError as exc:  # a name too long for the file system, for instance
+        raise ConfigError(f"{what}: {exc.strerror or exc}") from None
+    if exists or path.suffix in (".yaml", ".yml"):
+        if not is_file:
+            raise ConfigError(f"{what}: " + ("not a regular file (a directory?)" if exists else "no such file"))
+        text = safe_yaml.read_text(path, what)
     else:
         packaged = resources.files("ssgd_dist.configs") / f"{name_or_path}.yaml"
         if not packaged.is_file():
@@ -169,22 +279,17 @@ def read_config_yaml(name_or_path: str) -> dict[str, Any]:
             hint = difflib.get_close_matches(name_or_path, names, n=1)
             did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
             raise ConfigError(
-                f"--config {name_or_path}: not a file and not a packaged config{did_you_mean}; "
-                f"packaged: {', '.join(names)}"
+                f"{what}: not a file and not a packaged config{did_you_mean}; packaged: {', '.join(names)}"
             )
-        text = packaged.read_text()
-    return parse_yaml_mapping(text, f"--config {name_or_path}", "keys to values")
+        text = safe_yaml.decode(packaged.read_bytes(), what)
+    return parse_yaml_mapping(text, what, "keys to values")
 
 
 def parse_yaml_mapping(text: str, what: str, expected: str) -> dict[str, Any]:
-    """``yaml.safe_load`` (no Python tags, so no code runs) of a document that must be a mapping."""
-    try:
-        data = yaml.safe_load(text) or {}
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"{what}: invalid YAML: {exc}".replace("\n", " ")) from None
-    if not isinstance(data, dict):
-        raise ConfigError(f"{what}: the top level must be a mapping of {expected}")
-    return data
+    """A YAML document that must be a mapping (an empty one is ``{}``), read by ``safe_yaml``: no code runs,
+    no aliases, bounded size and depth, no duplicate keys, YAML 1.2 scalars; every problem is a one-line
+    ``ConfigError`` starting with ``what``."""
+    return safe_yaml.load_mapping(text, what, expected)
 
 
 def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
@@ -199,27 +304,32 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
 
 
 def apply_override(data: dict[str, Any], assignment: str) -> None:
-    """Apply one ``a.b=c`` override; the value is parsed as YAML so numbers, bools and lists work."""
+    """Apply one ``a.b=c`` override; the value is parsed as YAML (by ``safe_yaml``) so numbers, bools and
+    lists work; text that is not YAML at all is taken as a string."""
     key, sep, raw = assignment.partition("=")
     key = key.strip()
+    what = f"--set {clip(assignment)}"
     if not sep or not key:
-        raise ConfigError(f"--set {assignment}: expected KEY=VALUE, e.g. --set noise.alpha=0.3")
+        raise ConfigError(f"{what}: expected KEY=VALUE, e.g. --set noise.alpha=0.3")
     known = _known_keys(Config)
-    if key not in known and not key.startswith("deepspeed.extra."):
+    parts = key.split(".")
+    if key not in known and not (key.startswith("deepspeed.extra.") and all(parts)):
         hint = difflib.get_close_matches(key, known, n=1)
-        raise ConfigError(
-            f"--set {assignment}: unknown key '{key}'" + (f" (did you mean '{hint[0]}'?)" if hint else "")
-        )
+        raise ConfigError(f"{what}: unknown key {shown(key)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     try:
-        value = yaml.safe_load(raw) if raw.strip() else None
+        value = safe_yaml.load(raw, what) if raw.strip() else None
+    except safe_yaml.YAMLRefused as exc:
+        quoted = f"--set '{clip(key)}=\"...\"'"
+        raise ConfigError(
+            f"{what}: invalid YAML: {safe_yaml.describe(exc)}; to pass it as text, quote it: {quoted}"
+        ) from None
     except yaml.YAMLError:
         value = raw
     node = data
-    parts = key.split(".")
     for part in parts[:-1]:
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"--set {assignment}: '{part}' is not a section")
+            raise ConfigError(f"{what}: '{part}' is not a section")
         node = child
     node[parts[-1]] = value
 
@@ -229,15 +339,20 @@ def validation_message(exc: ValidationError, known: list[str], field_name: Calla
     allowed; unknown keys with the closest known one. ``field_name`` turns a dotted key into what the user
     typed (a flag, for instance)."""
     lines = []
-    for err in exc.errors():
+    errors = exc.errors()
+    for err in errors[:MAX_PROBLEMS]:
         field = ".".join(str(p) for p in err["loc"]) or "config"
+        if len(field) > 80:
+            field = field[:77] + "..."
         if err["type"] == "extra_forbidden":
             hint = difflib.get_close_matches(field, known, n=1)
             lines.append(f"unknown key '{field}'" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
         elif err["type"] == "value_error":
             lines.append(err["msg"].removeprefix("Value error, "))
         else:
-            lines.append(f"{field_name(field)} = {err.get('input')!r}: {err['msg']}")
+            lines.append(f"{field_name(field)} = {shown(err.get('input'))}: {err['msg']}")
+    if len(errors) > MAX_PROBLEMS:
+        lines.append(f"and {len(errors) - MAX_PROBLEMS} more problems")
     return "; ".join(lines)
 
 
@@ -261,7 +376,8 @@ def override(data: dict[str, Any], overrides: list[str] | None = None) -> Config
 
 
 def dump_config(cfg: Config) -> str:
-    return yaml.safe_dump(cfg.to_dict(), sort_keys=False)
+    """The resolved config as YAML that reads back the same with ``safe_yaml`` and with plain PyYAML."""
+    return safe_yaml.dump(cfg.to_dict())
 
 
 def _flag(field: str) -> str:
@@ -272,19 +388,22 @@ class BenchOptions(BaseModel):
     """Every option of ``ssgd-dist bench`` with its default; the CLI's flags default to "not given", so
     the defaults live here only. Frozen: the bench derives what depends on the machine into a copy."""
 
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    model_config = ConfigDict(extra="forbid", frozen=True, allow_inf_nan=False)
 
     model: str = Field("resnet20", description="a packaged model: mlp, cnn1d, resnet20, ...")
     batch_size: int = Field(256, description="global batch, summed over ranks")
     world_size: int = Field(2, description="ranks it spawns: gloo on CPU, NCCL on GPU")
+    accumulation_steps: int = Field(1, description="micro-steps per optimizer step, in every variant")
     steps: int = Field(20, description="timed steps per variant, interleaved")
     warmup: int = Field(3, description="untimed steps per variant first")
     burst: int | None = Field(None, description="consecutive steps per timed sample (default 8 on CUDA, 1 on CPU)")
     device: Literal["cpu", "cuda", "auto"] = Field("cpu", description="where the ranks run; auto: CUDA if visible")
     precision: Literal["fp32", "bf16", "fp16"] = Field("fp32", description="the step's autocast precision")
-    threads: int | None = Field(None, description="torch threads per rank (default: CPUs / ranks on CPU)")
+    threads: int | None = Field(
+        None, ge=1, le=1024, description="torch threads per rank (default: CPUs / ranks on CPU)"
+    )
     variants: list[str] | None = Field(None, description="comma-separated subset (default all; sgd is always added)")
-    seed: int = Field(0, description="seed of the initial weights and of the noise")
+    seed: int = Field(0, ge=0, lt=INT64_LIMIT, description="seed of the initial weights and of the noise")
     memory: bool = Field(True, description="measure each variant's memory by allocation (--no-memory skips it)")
     json_path: str | None = Field(None, description="write the report as JSON")  # not `json`: BaseModel has one
     project: bool = Field(False, description="add a modelled projection of step time to 8..1024 GPUs")
@@ -299,10 +418,18 @@ class BenchOptions(BaseModel):
         """Checks that need neither torch nor the variant list (the bench makes those when it resolves)."""
         if self.world_size < 1:
             raise ValueError(f"--world-size {self.world_size}: must be at least 1")
-        if self.batch_size % (2 * self.world_size):
+        if self.accumulation_steps < 1:
+            raise ValueError(f"--accumulation-steps {self.accumulation_steps}: at least 1")
+        if self.batch_size < 1:
+            raise ValueError(
+                f"--batch-size {self.batch_size}: must be at least 1 (the global batch, summed over ranks)"
+            )
+        k = self.accumulation_steps
+        if self.batch_size % (2 * self.world_size * k):
+            micro = f" x {k} micro-steps" if k > 1 else ""
             raise ValueError(
                 f"--batch-size {self.batch_size}: S-SGD 'halves' splits every rank's batch in two, so it must be a "
-                f"multiple of 2 x {self.world_size} ranks = {2 * self.world_size}"
+                f"multiple of 2 x {self.world_size} ranks{micro} = {2 * self.world_size * k}"
             )
         models = ModelConfig.model_fields["name"].annotation.__args__
         if self.model not in models:
@@ -332,7 +459,7 @@ class FlatnessOptions(BaseModel):
     """What ``ssgd-dist flatness`` measures and how precisely: the one set of defaults behind its flags,
     a sweep grid's ``flatness:`` mapping, and the ``options`` recorded in ``flatness.json``."""
 
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
     samples: int = Field(2000, description="training examples (first N; 0: all), sharded over ranks")
     batch_size: int = Field(1000, description="evaluation chunk per rank")
@@ -348,7 +475,7 @@ class FlatnessOptions(BaseModel):
     landscape_1d: int = Field(41, ge=0, description="points of the 1-D landscape in [-span, span] (0: skip)")
     landscape_2d: int = Field(21, ge=0, description="points per axis of the 2-D landscape (0: skip)")
     span: float = Field(1.0, description="landscape coordinates in [-span, span]")
-    seed: int = Field(0, description="seed of the random directions")
+    seed: int = Field(0, ge=0, lt=INT64_LIMIT, description="seed of the random directions")
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")

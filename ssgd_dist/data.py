@@ -9,6 +9,8 @@ see the same batches and makes resuming at a step exact.
 from __future__ import annotations
 
 import os
+import sys
+import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -48,11 +50,43 @@ def _atomic_savez(path: Path, **arrays: np.ndarray) -> None:
     os.replace(tmp, path)
 
 
+MNIST1D_KEYS = ("x", "y", "x_test", "y_test")
+
+
+def _mnist1d_cache(cfg: DataConfig) -> Path:
+    """The cache folder, checked: a file there (or a parent that is a file) is a user mistake (exit 2)."""
+    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
+    which = "data.cache_dir" if cfg.cache_dir else "the data cache (SSGD_CACHE_DIR, else ~/.cache/ssgd-dist)"
+    if cache.exists() and not cache.is_dir():
+        raise DataError(f"{which} = {cache}: is a file, not a directory; point it at a directory")
+    try:
+        cache.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise DataError(
+            f"{which} = {cache}: cannot create it ({exc.strerror or exc}); point it at a directory you can write"
+        ) from None
+    return cache
+
+
+def _read_npz(path: Path) -> dict[str, np.ndarray] | None:
+    """The cached arrays, or None (with a warning line) when the file is damaged: it is then regenerated."""
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            return {k: f[k] for k in MNIST1D_KEYS}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile) as exc:
+        print(
+            f"ssgd-dist: warning: cached data set {path} is damaged ({type(exc).__name__}); regenerating it",
+            file=sys.stderr,
+            flush=True,
+        )
+        return None
+
+
 def load_mnist1d(cfg: DataConfig) -> Dataset:
     """Generated procedurally (mnist1d's ``get_dataset`` would try a download first); cached as .npz."""
-    cache = Path(cfg.cache_dir) if cfg.cache_dir else default_cache_dir()
-    path = cache / f"mnist1d-{cfg.num_samples}.npz"
-    if not path.exists():
+    path = _mnist1d_cache(cfg) / f"mnist1d-{cfg.num_samples}.npz"
+    arrays = _read_npz(path) if path.exists() else None
+    if arrays is None:
         from mnist1d.data import get_dataset_args, make_dataset
 
         args = get_dataset_args()
@@ -60,9 +94,9 @@ def load_mnist1d(cfg: DataConfig) -> Dataset:
         state = np.random.get_state()  # make_dataset reseeds numpy's global RNG
         raw = make_dataset(args)
         np.random.set_state(state)
-        _atomic_savez(path, x=raw["x"], y=raw["y"], x_test=raw["x_test"], y_test=raw["y_test"])
-    with np.load(path, allow_pickle=False) as f:
-        arrays = {k: f[k] for k in ("x", "y", "x_test", "y_test")}
+        _atomic_savez(path, **{k: raw[k] for k in MNIST1D_KEYS})
+        with np.load(path, allow_pickle=False) as f:  # the saved arrays, exactly as a later run reads them
+            arrays = {k: f[k] for k in MNIST1D_KEYS}
     return Dataset(
         "mnist1d",
         torch.from_numpy(arrays["x"]).float(),
@@ -172,12 +206,25 @@ def load_dataset(cfg: DataConfig) -> Dataset:
 
 
 class GlobalBatches:
-    """Global batch t of epoch e is ``perm_e[t*B:(t+1)*B]``; rank r takes its contiguous part.
+    """Global batch t of epoch e is ``perm_e[t*B:(t+1)*B]``; each rank takes its part.
 
-    Incomplete last batches are dropped so every step has the same global batch size.
+    By default rank r takes the r-th contiguous block, which the backend cuts into k micro-steps: a
+    rank's samples do not depend on k (what SAM and ``paired``, which work per rank, need). With
+    ``micro_major`` the global batch is first k consecutive micro-batches and rank r takes the r-th
+    slice of each, so micro-step j sees the same samples at any world size (what ``bn_mode: sync``
+    needs). Incomplete last batches are dropped so every step has the same global batch size.
     """
 
-    def __init__(self, num_examples: int, global_batch: int, seed: int, rank: int = 0, world_size: int = 1):
+    def __init__(
+        self,
+        num_examples: int,
+        global_batch: int,
+        seed: int,
+        rank: int = 0,
+        world_size: int = 1,
+        micro_steps: int = 1,
+        micro_major: bool = False,
+    ):
         if global_batch > num_examples:
             raise ConfigError(
                 f"data.batch_size = {global_batch}: larger than the {num_examples} training examples; "
@@ -188,6 +235,12 @@ class GlobalBatches:
         self.local_batch = global_batch // world_size
         self.seed = seed
         self.rank = rank
+        if micro_major:
+            micro, piece = global_batch // micro_steps, global_batch // (micro_steps * world_size)
+            starts = torch.arange(micro_steps) * micro + rank * piece
+            self.positions = (starts[:, None] + torch.arange(piece)[None, :]).reshape(-1)
+        else:
+            self.positions = rank * self.local_batch + torch.arange(self.local_batch)
         self.steps_per_epoch = num_examples // global_batch
         self._epoch = -1
         self._perm: torch.Tensor | None = None
@@ -205,18 +258,15 @@ class GlobalBatches:
         return self.permutation(epoch)[t * self.global_batch : (t + 1) * self.global_batch]
 
     def local_indices(self, step: int) -> torch.Tensor:
-        start = self.rank * self.local_batch
-        return self.global_indices(step)[start : start + self.local_batch]
+        return self.global_indices(step)[self.positions]
 
 
-def augment_images(x: torch.Tensor, seed: int, step: int, offset: int, global_batch: int) -> torch.Tensor:
-    """Random 4-pixel-padded crop and horizontal flip, drawn for the whole global batch then sliced.
-
-    Drawing for the global batch keeps augmentation identical for any world size.
-    """
+def augment_images(x: torch.Tensor, seed: int, step: int, positions: torch.Tensor, global_batch: int) -> torch.Tensor:
+    """Random 4-pixel-padded crop and horizontal flip, drawn for the whole global batch, then those of
+    ``positions`` (the samples' places in the global batch) taken: the same for any world size."""
     gen = generator(Stream.AUGMENT, seed, step)
-    shifts = torch.randint(0, 9, (global_batch, 2), generator=gen)[offset : offset + len(x)]
-    flips = torch.rand(global_batch, generator=gen)[offset : offset + len(x)] < 0.5
+    shifts = torch.randint(0, 9, (global_batch, 2), generator=gen)[positions]
+    flips = torch.rand(global_batch, generator=gen)[positions] < 0.5
     padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
     out = torch.empty_like(x)
     h, w = x.shape[-2:]

@@ -34,11 +34,37 @@ def resolve_device(requested: str, local_rank: int) -> torch.device:
     return torch.device("cpu")
 
 
+LAUNCH_HINT = "unset RANK/WORLD_SIZE/LOCAL_RANK to run alone, or start the ranks with torchrun, which sets them"
+
+
+def _env_int(name: str, default: int) -> int:
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        return int(text)
+    except ValueError:
+        raise ConfigError(f"environment variable {name} = {text!r}: not an integer; {LAUNCH_HINT}") from None
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """``(rank, world_size, local_rank)`` from the environment, checked: integers, 0 <= rank < world_size."""
+    world_size, rank, local_rank = _env_int("WORLD_SIZE", 1), _env_int("RANK", 0), _env_int("LOCAL_RANK", 0)
+    if world_size < 1:
+        raise ConfigError(f"environment variable WORLD_SIZE = {world_size}: must be >= 1; {LAUNCH_HINT}")
+    if rank < 0 or local_rank < 0:
+        name, value = ("RANK", rank) if rank < 0 else ("LOCAL_RANK", local_rank)
+        raise ConfigError(f"environment variable {name} = {value}: must be >= 0; {LAUNCH_HINT}")
+    if rank >= world_size:
+        raise ConfigError(
+            f"environment variables RANK = {rank}, WORLD_SIZE = {world_size}: RANK must be < WORLD_SIZE; {LAUNCH_HINT}"
+        )
+    return rank, world_size, local_rank
+
+
 def setup(requested_device: str) -> DistContext:
     """Join the group torchrun or Ray describes (RANK/WORLD_SIZE in the environment), or run alone."""
-    world_size = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    rank, world_size, local_rank = env_ranks()
     device = resolve_device(requested_device, local_rank)
     owns = False
     if world_size > 1 and not dist.is_initialized():

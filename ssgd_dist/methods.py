@@ -54,11 +54,24 @@ class Method:
 
     @classmethod
     def check_launch(cls, cfg: Config, world_size: int) -> None:
-        """Refuse (``ConfigError``) a number of ranks this method cannot run on."""
-        b = cfg.data.batch_size
-        if b % world_size:
+        """Refuse (``ConfigError``) a launch whose global batch does not split into this method's forwards:
+        micro-steps, then ranks, then (``halves``) the two halves, then (``bn_mode: ghost``) ghost batches."""
+        b, k = cfg.data.batch_size, cfg.train.accumulation_steps
+        halves = any(p.part != "all" for p in cls.plan(cfg))
+        factors = (["2"] if halves else []) + [f"{world_size} ranks"] + ([f"{k} micro-steps"] if k > 1 else [])
+        divisor = (2 if halves else 1) * world_size * k
+        if b % divisor:
+            why = "'halves' needs every rank's batch to split in two, so " if halves else ""
             raise ConfigError(
-                f"data.batch_size = {b}: not divisible by the {world_size} ranks; use a multiple of {world_size}"
+                f"data.batch_size = {b}: {why}a multiple of {' x '.join(factors)} = {divisor}; "
+                f"nearest: {_nearby(b, divisor)}"
+            )
+        ghost = cfg.model.bn_ghost_batch
+        if cfg.model.bn_mode == "ghost" and cfg.model.has_batchnorm and (b // divisor) % ghost:
+            raise ConfigError(
+                f"model.bn_ghost_batch = {ghost}: each forward sees data.batch_size {b} / ({' x '.join(factors)}) = "
+                f"{b // divisor} samples, not a whole number of ghost batches; use a ghost batch that divides "
+                f"{b // divisor}, or data.batch_size {_nearby(b, divisor * ghost)}"
             )
 
     def passes(self) -> list[Pass]:
@@ -103,13 +116,7 @@ class SSGD(Method):
 
     @classmethod
     def check_launch(cls, cfg: Config, world_size: int) -> None:
-        b, split = cfg.data.batch_size, cfg.ssgd.batch_split
-        if split == "halves" and b % (2 * world_size):
-            raise ConfigError(
-                f"data.batch_size = {b}: 'halves' needs every rank's batch to split in two, so a multiple of "
-                f"2 x {world_size} ranks = {2 * world_size}"
-            )
-        if split == "paired" and (world_size < 2 or world_size % 2):
+        if cfg.ssgd.batch_split == "paired" and (world_size < 2 or world_size % 2):
             raise ConfigError(
                 f"ssgd.batch_split = paired: needs an even number of ranks (w+n on even ranks, w-n on odd), "
                 f"got {world_size}; use 'halves' or launch an even number of ranks"
@@ -180,6 +187,12 @@ def method_class(cfg: Config) -> type[Method]:
 
 def build_method(cfg: Config, model: nn.Module, rank: int = 0, world_size: int = 1, total_steps: int = 1) -> Method:
     return method_class(cfg)(cfg, model, rank, world_size, total_steps)
+
+
+def _nearby(batch: int, divisor: int) -> str:
+    """The multiples of ``divisor`` around ``batch``, for an error message."""
+    below = batch // divisor * divisor
+    return " or ".join(str(v) for v in (below, below + divisor) if v > 0)
 
 
 def select_part(x: torch.Tensor, part: Part) -> torch.Tensor:

@@ -6,9 +6,13 @@ import json
 from pathlib import Path
 from typing import Any
 
+from .errors import ConfigError
+from .files import atomic_write_text, raise_if_disk_full
+
 
 class MetricsWriter:
-    """Append-only JSONL, one object per step; on resume, lines past the checkpoint are dropped first."""
+    """Append-only JSONL, one object per step; on resume, lines past the checkpoint are dropped first
+    (the file is replaced atomically: a kill at that moment leaves the old file or the new one)."""
 
     def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
@@ -27,11 +31,18 @@ class MetricsWriter:
     def _truncate_after(self, step: int) -> None:
         if not self.path.exists():
             return
-        kept = [line for line in self.path.read_text().splitlines() if _step(line) is not None and _step(line) <= step]
-        self.path.write_text("".join(line + "\n" for line in kept))
+        text = self.path.read_text()
+        kept = "".join(line + "\n" for line in text.splitlines() if (s := _step(line)) is not None and s <= step)
+        if kept != text:
+            atomic_write_text(self.path, kept)
 
     def write(self, record: dict[str, Any]) -> None:
-        self._file.write(json.dumps(record) + "\n")
+        line = json.dumps(record) + "\n"
+        try:
+            self._file.write(line)
+        except OSError as exc:
+            raise_if_disk_full(exc, self.path, len(line))
+            raise
         if self._tb is not None:
             for key, value in scalars(record).items():
                 if key != "step":
@@ -51,13 +62,30 @@ def scalars(record: dict[str, Any]) -> dict[str, int | float]:
 def _step(line: str) -> int | None:
     """The step of a metrics line; None for a blank or half-written one (a crash mid-write)."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
         return None
+    return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def read_metrics(run_dir: Path) -> list[dict[str, Any]]:
+    """The records of ``metrics.jsonl``. A half-written last line (a crash mid-write; training drops it on
+    resume) is left out; an unreadable line before it raises ``ConfigError`` naming the file and line."""
     path = Path(run_dir) / "metrics.jsonl"
     if not path.exists():
         return []
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    try:
+        lines = [(n, line) for n, line in enumerate(path.read_text().splitlines(), 1) if line.strip()]
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(f"{path}: cannot be read ({exc}); move the run directory aside or delete the file") from None
+    records = []
+    for i, (n, line) in enumerate(lines):
+        if _step(line) is None:
+            if i == len(lines) - 1:
+                break  # half-written last line
+            raise ConfigError(
+                f"{path}: line {n} is not a metrics record ({line[:40]!r}); the file is damaged: "
+                "move the run directory aside or delete the file"
+            )
+        records.append(json.loads(line))
+    return records

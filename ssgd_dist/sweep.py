@@ -41,11 +41,11 @@ from importlib import resources
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from . import safe_yaml
 from .analysis.flatness_run import flatness_path
 from .config import Config, FlatnessOptions, apply_override, dump_config, parse_yaml_mapping, read_config_yaml, validate
 from .errors import EXIT_NONFINITE, ConfigError, NonFiniteError
+from .safe_yaml import clip, shown
 
 GRID_KEYS = {
     "name",
@@ -120,24 +120,49 @@ def packaged_grid_names() -> list[str]:
 
 
 def _read_grid_file(name_or_path: str) -> tuple[dict[str, Any], Path | None]:
+    """The grid's mapping, read by ``safe_yaml`` (bounded and strict, like a config file)."""
+    what = f"sweep {clip(name_or_path)}"
     path = Path(name_or_path)
-    if path.suffix in (".yaml", ".yml") or path.exists():
-        if not path.is_file():
-            raise ConfigError(f"sweep {name_or_path}: no such file")
-        text, where = path.read_text(), path.resolve()
+    try:
+        exists = path.exists()
+        is_file = exists and path.is_file()
+    except OSError as exc:  # a name too long for the file system, for instance
+        raise ConfigError(f"{what}: {exc.strerror or exc}") from None
+    if exists or path.suffix in (".yaml", ".yml"):
+        if not is_file:
+            raise ConfigError(f"{what}: " + ("not a regular file (a directory?)" if exists else "no such file"))
+        text, where = safe_yaml.read_text(path, what), path.resolve()
     else:
         packaged = resources.files("ssgd_dist.configs") / "grids" / f"{name_or_path}.yaml"
         if not packaged.is_file():
             raise ConfigError(
-                f"sweep {name_or_path}: not a file and not a packaged grid; "
+                f"{what}: not a file and not a packaged grid; "
                 f"packaged grids: {', '.join(packaged_grid_names()) or 'none'}"
             )
-        text, where = packaged.read_text(), None
-    data = parse_yaml_mapping(text, f"sweep {name_or_path}", "grid keys (name, base, methods, batch_sizes, seeds, ...)")
-    unknown = set(data) - GRID_KEYS
+        text, where = safe_yaml.decode(packaged.read_bytes(), what), None
+    data = parse_yaml_mapping(text, what, "grid keys (name, base, methods, batch_sizes, seeds, ...)")
+    unknown = [key for key in data if key not in GRID_KEYS]
     if unknown:
-        raise ConfigError(f"sweep {name_or_path}: unknown key(s) {sorted(unknown)}; known: {sorted(GRID_KEYS)}")
+        raise ConfigError(f"{what}: unknown key(s) {shown(unknown)}; known: {sorted(GRID_KEYS)}")
     return data, where
+
+
+def _mapping(value: Any, where: str) -> dict:
+    """A grid's mapping-valued entry (absent: empty)."""
+    if value is None:
+        return {}
+    if not isinstance(value, dict):
+        raise ConfigError(f"{where} must be a mapping, got {shown(value)}")
+    return value
+
+
+def _integers(value: Any, where: str) -> list[int] | None:
+    """A grid's list of integers (seeds, batch sizes); absent: None."""
+    if value is None:
+        return None
+    if not isinstance(value, list) or not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+        raise ConfigError(f"{where} must be a list of integers, e.g. [0, 1, 2], got {shown(value)}")
+    return value
 
 
 def _base_config(base: Any, grid_path: Path | None, source: str) -> dict[str, Any]:
@@ -150,7 +175,9 @@ def _base_config(base: Any, grid_path: Path | None, source: str) -> dict[str, An
         if candidate is not None and candidate.is_file():
             return read_config_yaml(str(candidate))
         return read_config_yaml(base)
-    raise ConfigError(f"sweep {source}: base must be a packaged config name, a YAML path or a mapping, got {base!r}")
+    raise ConfigError(
+        f"sweep {source}: base must be a packaged config name, a YAML path or a mapping, got {shown(base)}"
+    )
 
 
 def _set(data: dict[str, Any], key: str, value: Any, where: str) -> None:
@@ -164,7 +191,7 @@ def _apply_mapping(data: dict[str, Any], mapping: Any, where: str) -> None:
     if mapping is None:
         return
     if not isinstance(mapping, dict):
-        raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {mapping!r}")
+        raise ConfigError(f"{where}: expected a mapping of dotted keys to values, got {shown(mapping)}")
     for key, value in mapping.items():
         _set(data, str(key), value, where)
 
@@ -176,10 +203,17 @@ def _method_entries(methods: Any, where: str) -> list[dict[str, Any]]:
     for m in methods:
         if isinstance(m, str):
             entries.append({"method": m, "label": None, "set": {}})
-        elif isinstance(m, dict) and "method" in m and set(m) <= {"method", "label", "set"}:
+        elif (
+            isinstance(m, dict)
+            and "method" in m
+            and set(m) <= {"method", "label", "set"}
+            and isinstance(m.get("label"), (str, type(None)))
+        ):
             entries.append({"method": m["method"], "label": m.get("label"), "set": m.get("set") or {}})
         else:
-            raise ConfigError(f"{where}: bad methods entry {m!r}; use a name or a mapping with keys method, label, set")
+            raise ConfigError(
+                f"{where}: bad methods entry {shown(m)}; use a name or a mapping with keys method, label (text), set"
+            )
     return entries
 
 
@@ -210,7 +244,9 @@ def load_grid(
     shell patterns allowed); ``seeds`` replaces every block's seeds.
     """
     data, path = _read_grid_file(name_or_path)
-    source = str(path or name_or_path)
+    source = clip(str(path or name_or_path))
+    if not isinstance(data.get("name"), (str, type(None))):
+        raise ConfigError(f"sweep {source}: name must be text (the output directory's name), got {shown(data['name'])}")
     name = str(data.get("name") or Path(name_or_path).stem)
     base = _base_config(data.get("base"), path, source)
     blocks = data.get("blocks") or [{}]
@@ -223,18 +259,18 @@ def load_grid(
             raise ConfigError(f"{where}: a block is a mapping with keys among {sorted(BLOCK_KEYS)}")
         spec = {k: data.get(k) for k in BLOCK_KEYS}
         spec.update({k: v for k, v in block.items() if k != "set"})
-        block_set = {**(data.get("set") or {}), **(block.get("set") or {})}
+        block_set = {**_mapping(data.get("set"), f"{where}: set"), **_mapping(block.get("set"), f"{where}: set")}
         entries = _method_entries(spec.get("methods") or [base.get("method", "ssgd")], where)
-        sizes = spec.get("batch_sizes") or [None]
-        block_seeds = (
-            seeds
-            if seeds is not None
-            else (spec.get("seeds") if spec.get("seeds") is not None else [base.get("seed", 0)])
-        )
+        sizes = _integers(spec.get("batch_sizes"), f"{where}: batch_sizes") or [None]
+        block_seeds = _integers(spec.get("seeds"), f"{where}: seeds")
+        if seeds is not None:
+            block_seeds = seeds
+        elif block_seeds is None:
+            block_seeds = [base.get("seed", 0)]
         vary = spec.get("vary") or {}
         if not isinstance(vary, dict) or any(not isinstance(v, list) or not v for v in vary.values()):
             raise ConfigError(f"{where}: vary must map dotted keys to non-empty lists of values")
-        batch_set = spec.get("batch_set") or {}
+        batch_set = _mapping(spec.get("batch_set"), f"{where}: batch_set")
         for entry, batch, combo, seed in itertools.product(
             entries, sizes, itertools.product(*vary.values()), block_seeds
         ):
@@ -252,8 +288,8 @@ def load_grid(
                 _set(cfg_data, key, value, f"{where}: vary")
             _set(cfg_data, "method", entry["method"], f"{where}: methods")
             if batch is not None:
-                _set(cfg_data, "data.batch_size", int(batch), f"{where}: batch_sizes")
-            _set(cfg_data, "seed", int(seed), f"{where}: seeds")
+                _set(cfg_data, "data.batch_size", batch, f"{where}: batch_sizes")
+            _set(cfg_data, "seed", seed, f"{where}: seeds")
             try:
                 cfg = validate(cfg_data)
             except ConfigError as exc:
@@ -280,9 +316,15 @@ def load_grid(
         selected = [c for c in selected if c.batch_size in batch_sizes]
     if not selected:
         raise ConfigError(f"sweep {source}: the filters leave no run")
-    flat = dict(data.get("flatness") or {}) if data.get("flatness") is not False else None
-    flat_seeds = flat.pop("seeds", None) if flat is not None else None
-    land_seeds = flat.pop("landscape_2d_seeds", None) if flat is not None else None
+    flat = (
+        dict(_mapping(data.get("flatness"), f"sweep {source}: flatness")) if data.get("flatness") is not False else None
+    )
+    flat_seeds = _integers(flat.pop("seeds", None), f"sweep {source}: flatness seeds") if flat is not None else None
+    land_seeds = (
+        _integers(flat.pop("landscape_2d_seeds", None), f"sweep {source}: flatness landscape_2d_seeds")
+        if flat is not None
+        else None
+    )
     try:
         opts = None if flat is None else FlatnessOptions.from_dict(flat)
     except ConfigError as exc:
@@ -320,7 +362,7 @@ def run_status(run_dir: Path, cfg: Config, total: int | None = None) -> str:
     """``done``, ``diverged`` (stopped on a non-finite loss), ``conflict`` (holds another config),
     ``partial`` (started) or ``new``."""
     from .metrics import read_metrics
-    from .train import _config_differences
+    from .rundir import run_differences
 
     run_dir = Path(run_dir)
     if not run_dir.exists():
@@ -328,10 +370,11 @@ def run_status(run_dir: Path, cfg: Config, total: int | None = None) -> str:
     saved_path = run_dir / "config.yaml"
     if saved_path.exists():
         try:  # re-validated, so keys added to the config schema since the run count as their defaults
-            saved = validate(yaml.safe_load(saved_path.read_text()) or {})
+            what = f"{clip(str(saved_path))}"
+            saved = validate(parse_yaml_mapping(safe_yaml.read_text(saved_path, what), what, "keys to values"))
         except ConfigError:
             return "conflict"
-        if _config_differences(saved.to_dict(), cfg.to_dict()):
+        if run_differences(saved.to_dict(), cfg):
             return "conflict"
     total = planned_steps(cfg) if total is None else total
     evals = [r for r in read_metrics(run_dir) if "test_acc" in r]

@@ -20,60 +20,26 @@ from pathlib import Path
 from typing import Any
 
 import torch
-import yaml
 from tqdm import tqdm
 
 from . import distributed
 from .backends import build_backend, check_launch
-from .bn import recalibrate_bn
-from .checkpoint import load_checkpoint_file, load_latest, save_checkpoint
+from .bn import convert_batchnorm, recalibrate_bn, synchronize_running_stats
+from .checkpoint import find_latest, save_checkpoint, try_candidate
 from .config import Config, dump_config
 from .data import Dataset, GlobalBatches, augment_images, load_dataset
-from .errors import ConfigError, NonFiniteError
+from .errors import ConfigError, NonFiniteError, Stopped
+from .files import atomic_write_text
 from .methods import build_method
 from .metrics import MetricsWriter
 from .models import build_model
 from .optimizers import build_optimizer, lr_at
+from .rundir import RunLock, check_run_dir, checkpoint_problem
 from .seeding import seed_initial_weights
-
-# Keys that may change between a run and its resumption: they do not change what is computed.
-RESUMABLE_DIFFERENCES = {
-    ("train", "progress"),
-    ("train", "crash_at_step"),
-    ("train", "nan_at_step"),
-    ("train", "num_threads"),
-    ("train", "keep_checkpoints"),
-    ("train", "log_every"),
-}
+from .signals import StopOnSignals
 
 # Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
 CheckpointHook = Callable[[dict[str, Any], "Path | None"], None]
-
-
-def _config_differences(saved: dict, current: dict, prefix: tuple = ()) -> list[str]:
-    diffs = []
-    for key in sorted(set(saved) | set(current)):
-        path = prefix + (key,)
-        a, b = saved.get(key), current.get(key)
-        if isinstance(a, dict) and isinstance(b, dict):
-            diffs += _config_differences(a, b, path)
-        elif a != b and path not in RESUMABLE_DIFFERENCES:
-            diffs.append(f"{'.'.join(path)}: {a!r} -> {b!r}")
-    return diffs
-
-
-def check_run_dir(cfg: Config, run_dir: Path) -> None:
-    """Refuse to resume a run directory that holds a different experiment."""
-    saved_path = run_dir / "config.yaml"
-    if not saved_path.exists():
-        return
-    saved = yaml.safe_load(saved_path.read_text()) or {}
-    diffs = _config_differences(saved, cfg.to_dict())
-    if diffs:
-        raise ConfigError(
-            f"--run-dir {run_dir}: holds a run with a different configuration ({'; '.join(diffs[:3])}); "
-            "use a new --run-dir, or the same settings to resume"
-        )
 
 
 class Trainer:
@@ -81,15 +47,24 @@ class Trainer:
         self.cfg, self.run_dir, self.ctx = cfg, Path(run_dir), ctx
         if cfg.train.num_threads:
             torch.set_num_threads(cfg.train.num_threads)
-        check_launch(cfg, ctx.world_size)
+        check_launch(cfg, ctx.world_size, process_group=torch.distributed.is_initialized())
         check_run_dir(cfg, self.run_dir)
         self.data: Dataset = load_dataset(cfg.data)
-        self.batches = GlobalBatches(len(self.data.y_train), cfg.data.batch_size, cfg.seed, ctx.rank, ctx.world_size)
+        self.batches = GlobalBatches(
+            len(self.data.y_train),
+            cfg.data.batch_size,
+            cfg.seed,
+            ctx.rank,
+            ctx.world_size,
+            micro_steps=cfg.train.accumulation_steps,
+            micro_major=cfg.model.bn_mode == "sync",
+        )
         steps = cfg.train.epochs * self.batches.steps_per_epoch
         self.total_steps = min(steps, cfg.train.max_steps) if cfg.train.max_steps else steps
 
         seed_initial_weights(cfg.seed)  # identical initial weights on every rank and for every world size
-        self.model = build_model(cfg.model, self.data.input_shape, self.data.num_classes).to(ctx.device)
+        model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        self.model = convert_batchnorm(model, cfg.model.bn_mode, cfg.model.bn_ghost_batch).to(ctx.device)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.backend = build_backend(cfg, self.model, self.optimizer, ctx.world_size)
         self.method = build_method(cfg, self.backend.model, ctx.rank, ctx.world_size, self.total_steps)
@@ -109,12 +84,30 @@ class Trainer:
         }
 
     def _resume(self, resume_from: Path | None) -> None:
-        found = load_latest(self.run_dir, map_location=self.ctx.device)
-        if found is None and resume_from is not None:
-            found = load_checkpoint_file(resume_from, map_location=self.ctx.device), resume_from
-        if found is None:
+        """Resume from the newest checkpoint of this run (``rundir.checkpoint_problem`` turns down the
+        others), else from ``resume_from`` (a launcher's copy); refuse if there were checkpoints but none of
+        them can be resumed (starting over would drop the run's metrics)."""
+        model_state = self.backend.model.state_dict()
+
+        def accept(state: dict[str, Any]) -> str | None:
+            return checkpoint_problem(state, self.cfg, model_state)
+
+        found = find_latest(self.run_dir, map_location=self.ctx.device, accept=accept)
+        state, path = found.state, found.path
+        if state is None and resume_from is not None:
+            state, reason = try_candidate(Path(resume_from), None, self.ctx.device, accept)
+            if state is None:
+                found.skipped.append((Path(resume_from), reason))
+            path = resume_from
+        if state is None:
+            if found.skipped:
+                why = "; ".join(f"{p.name}: {reason[:200]}" for p, reason in found.skipped)
+                raise ConfigError(
+                    f"--run-dir {self.run_dir}: it holds checkpoints but none can be resumed ({why}); to start "
+                    f"over, move {self.run_dir / 'checkpoints'} and {self.run_dir / 'metrics.jsonl'} away, "
+                    "or use another --run-dir"
+                )
             return
-        state, path = found
         self.backend.load_state_dict(state)
         self.step, self.skipped = int(state["step"]), int(state.get("skipped", 0))
         torch.set_rng_state(state["torch_rng"].cpu())
@@ -126,15 +119,16 @@ class Trainer:
         idx = self.batches.local_indices(step)
         x, y = self.data.x_train[idx], self.data.y_train[idx]
         if self.data.augment:
-            offset = self.ctx.rank * self.batches.local_batch
-            x = augment_images(x, self.cfg.seed, step, offset, self.batches.global_batch)
+            x = augment_images(x, self.cfg.seed, step, self.batches.positions, self.batches.global_batch)
         return x.to(self.ctx.device, non_blocking=True), y.to(self.ctx.device, non_blocking=True)
 
     @torch.no_grad()
     def evaluate(self) -> dict[str, float]:
-        """Each rank scores a strided shard of the test set; sums are all-reduced."""
+        """Each rank scores a strided shard of the test set; sums are all-reduced. The running statistics are
+        made to cover every rank's samples first, so every world size scores the model a checkpoint holds."""
         model = self.backend.model
         was_training = model.training
+        synchronize_running_stats(model)
         if self.cfg.train.bn_recalibrate:
             recalibrate_bn(
                 model,
@@ -177,7 +171,7 @@ class Trainer:
         cfg, main = self.cfg, self.ctx.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "config.yaml").write_text(dump_config(cfg))
+            atomic_write_text(self.run_dir / "config.yaml", dump_config(cfg))
         log = StepLog(MetricsWriter(self.run_dir, self.step) if main else None)
         spe = self.batches.steps_per_epoch
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.train.progress), unit="step")
@@ -225,7 +219,8 @@ class Trainer:
                 every = cfg.train.checkpoint_every
                 checkpoint = (self.step % every == 0 if every else epoch_end) or self.step == self.total_steps
                 if evaluate or checkpoint or len(log) >= cfg.train.log_every:
-                    log.read()  # raises on a non-finite gradient: before an evaluation or a checkpoint sees it
+                    # Raises on a non-finite gradient or weights: before an evaluation or a checkpoint sees them.
+                    log.read(self.weights_finite())
                     if evaluate:
                         record.update(self.evaluate())
                     log.write()
@@ -238,7 +233,7 @@ class Trainer:
             log.drain()  # the steps before the failure still reach metrics.jsonl
             if main:
                 step = exc.step if exc.step is not None else self.step
-                (self.run_dir / "nonfinite.json").write_text(json.dumps({"step": step, "last": log.last}) + "\n")
+                atomic_write_text(self.run_dir / "nonfinite.json", json.dumps({"step": step, "last": log.last}) + "\n")
             # Every rank stops at the same step (the decision rests on synchronised values). Leave
             # together: a launcher stops the other ranks as soon as one exits, rank 0's diagnostic unwritten.
             distributed.barrier()
@@ -251,8 +246,18 @@ class Trainer:
         final = {k: v for k, v in record.items() if k in ("step", "train_loss", "test_loss", "test_acc")}
         return {"run_dir": str(self.run_dir), "step": self.step, **final}
 
+    def weights_finite(self) -> torch.Tensor:
+        """One device flag: whether every floating-point tensor of the model is finite on every rank (queued,
+        not read: ``StepLog.read`` reads it with the window's scalars). Ranks can differ (per-rank BatchNorm
+        statistics), so the flag is all-reduced: every rank stops together."""
+        tensors = [t for t in self.backend.model.state_dict().values() if t.is_floating_point()]
+        bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().reshape(1)
+        distributed.all_reduce_sum(bad)
+        return bad[0] == 0
+
     def _checkpoint(self, record: dict[str, Any], hook: CheckpointHook | None) -> None:
         path = None
+        synchronize_running_stats(self.backend.model)  # a collective: the checkpoint holds every rank's statistics
         # A backend with sharded state (DeepSpeed ZeRO 1/2) gathers it collectively: every rank calls in.
         state = self.state_dict() if self.ctx.is_main or getattr(self.backend, "collective_state_dict", False) else None
         if self.ctx.is_main:
@@ -282,12 +287,13 @@ class StepLog:
     def add(self, record: dict[str, Any], skipped: bool) -> None:
         self.pending.append((record, skipped))
 
-    def read(self) -> None:
-        """Floats for every pending record (one host sync); at a non-finite gradient norm of a step that
-        was not skipped, write the records before it and raise."""
-        values = iter(
-            read_scalars([v for record, _ in self.pending for v in (record["train_loss"], record["grad_norm"])])
-        )
+    def read(self, weights_finite: torch.Tensor | None = None) -> None:
+        """Floats for every pending record, and the ``weights_finite`` flag, in one host sync. At a non-finite
+        gradient norm of a step that was not skipped, write the records before it and raise. If the weights
+        are not finite (an update overflowed although its gradient was finite), whatever the gradient
+        policy: write the records before the window's last update and raise."""
+        scalars = [v for record, _ in self.pending for v in (record["train_loss"], record["grad_norm"])]
+        values = iter(read_scalars([*scalars, weights_finite]))
         for i, (record, skipped) in enumerate(self.pending):
             record["train_loss"], record["grad_norm"] = next(values), next(values)
             norm = record["grad_norm"]
@@ -296,6 +302,19 @@ class StepLog:
                 self.write()
                 step = record["step"] - 1
                 raise NonFiniteError(f"non-finite gradient norm ({norm}) at step {step}", step=step)
+        finite = next(values)
+        if finite is not None and not finite:
+            updates = [i for i, (_, skipped) in enumerate(self.pending) if not skipped]
+            i = updates[-1] if updates else len(self.pending) - 1
+            step = self.pending[i][0]["step"] - 1
+            self.pending = self.pending[:i]
+            self.write()
+            raise NonFiniteError(
+                f"non-finite weights after the update of step {step} (its gradient norm was finite: the update "
+                "itself overflowed)",
+                step=step,
+                hint="lower optim.lr (skipping steps cannot help here)",
+            )
 
     def write(self) -> None:
         """Write the pending records (after ``read``)."""
@@ -327,12 +346,41 @@ def read_scalars(values: list[torch.Tensor | float | None]) -> list[float | None
     return [next(read) if isinstance(v, torch.Tensor) else None if v is None else float(v) for v in values]
 
 
+def hold_run_dir(run_dir: Path, ctx: distributed.DistContext) -> RunLock | None:
+    """Rank 0 takes the run directory's lock; every rank learns whether it did (one all-reduce), so all of
+    them refuse together (``ConfigError``, exit 2) when another run holds it. Returns rank 0's lock."""
+    lock = RunLock(run_dir) if ctx.is_main else None
+    refusal = lock.acquire() if lock is not None else None
+    refused = torch.tensor([1.0 if refusal else 0.0], device=ctx.device)
+    distributed.all_reduce_sum(refused)
+    if float(refused) > 0:
+        raise ConfigError(refusal or f"--run-dir {run_dir}: another run is using it (rank 0 found it locked)")
+    return lock
+
+
 def train(
     cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None
 ) -> dict[str, Any]:
-    """Set up the process group (unless the launcher did), train, and always tear down."""
-    ctx = distributed.setup(cfg.device)
-    try:
-        return Trainer(cfg, run_dir, ctx, resume_from).fit(on_checkpoint)
-    finally:
-        distributed.teardown(ctx)
+    """Set up the process group (unless the launcher did), hold the run directory, train, and always release
+    and tear down. SIGINT/SIGTERM raise ``Stopped`` (exit 128 + signal); the run resumes from its last
+    checkpoint."""
+    with StopOnSignals() as stop:
+        try:
+            ctx = distributed.setup(cfg.device)
+            try:
+                check_launch(
+                    cfg, ctx.world_size, process_group=torch.distributed.is_initialized()
+                )  # a launch mistake is refused before the lock touches the disk
+                lock = hold_run_dir(Path(run_dir), ctx)
+                try:
+                    return Trainer(cfg, run_dir, ctx, resume_from).fit(on_checkpoint)
+                finally:
+                    if lock is not None:
+                        lock.release()
+            finally:
+                distributed.teardown(ctx)
+        except BaseException as exc:
+            # A signal can surface as another error first (a peer that stopped breaks a collective).
+            if stop.signum is not None and not isinstance(exc, Stopped):
+                raise Stopped(stop.signum) from None
+            raise

@@ -1,8 +1,10 @@
-"""Shared fixtures: a per-session data cache and helpers to run the real CLI."""
+"""Shared fixtures: a per-session data cache, helpers to run the real CLI, and ``require``."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +14,54 @@ import pytest
 from ssgd_dist.launchers.torchrun import torchrun_command
 
 REPO = Path(__file__).resolve().parents[1]
+
+# How to install what some tests need (the messages of ``require``).
+INSTALL = {
+    "ray": "pip install -e '.[ray]'",
+    "deepspeed": "pip install -e '.[deepspeed]'",
+    "k8s": "pip install -e '.[k8s]'",
+    "kubectl": "kubectl 1.32 or newer, https://kubernetes.io/docs/tasks/tools/ (tests run `kubectl kustomize` only)",
+}
+# Markers whose tests need a module: such a test runs only where ``require`` finds it.
+MARKER_NEEDS = {"ray": "ray", "deepspeed": "deepspeed"}
+
+
+def in_ci() -> bool:
+    """``CI=true`` (set by ``.ci/run`` and by CI services): a missing requirement fails instead of skipping."""
+    return os.environ.get("CI", "").strip().lower() in ("1", "true", "yes")
+
+
+def require(*, module: str | None = None, tool: str | None = None, install: str):
+    """The one gate for tests that need an optional module or an external tool.
+
+    ``require(module="ray", install="pip install -e '.[ray]'")`` checks that the module is
+    installed (without importing it: the caller imports what it uses); ``require(tool="kubectl",
+    install=...)`` returns the executable's path (looked up beside the interpreter first, where a
+    virtual environment puts its scripts, then on ``PATH``). When it is missing the test is skipped
+    with a message saying what to install, except under ``CI=true``, where it fails: a suite that
+    silently skips what it cannot run must not pass in CI.
+    """
+    if (module is None) == (tool is None):
+        raise TypeError("require() takes exactly one of module= or tool=")
+    if module is not None:
+        if importlib.util.find_spec(module) is not None:
+            return None
+        what = f"the Python module {module!r} is not installed"
+    else:
+        beside = Path(sys.executable).with_name(tool)
+        found = str(beside) if beside.is_file() and os.access(beside, os.X_OK) else shutil.which(tool)
+        if found:
+            return found
+        what = f"{tool} is not on PATH"
+    if in_ci():
+        pytest.fail(f"{what} and CI=true, where tests that need it must run, not skip; install it: {install}")
+    pytest.skip(f"{what}; install it to run this test: {install}")
+
+
+def pytest_runtest_setup(item):
+    for marker, module in MARKER_NEEDS.items():
+        if item.get_closest_marker(marker) is not None:
+            require(module=module, install=INSTALL[module])
 
 
 @pytest.fixture(scope="session", autouse=True)
@@ -73,10 +123,7 @@ def ray_cluster(tmp_path_factory):
     ``ray_cluster.env`` is a client environment holding the token; ``ray_cluster.submit([...])``
     runs ``ray job submit --working-dir <repo>`` and waits. Shared by the Ray and Kubernetes tests.
     """
-    import importlib.util
-
-    if importlib.util.find_spec("ray") is None:
-        pytest.skip("ray is not installed (pip install -e '.[ray]'): the Ray tests need a real local cluster")
+    require(module="ray", install=INSTALL["ray"])
     from tests.ray_cluster import start_cluster
 
     cluster = start_cluster(num_cpus=2, log_dir=tmp_path_factory.mktemp("ray-head"))

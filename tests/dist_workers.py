@@ -20,8 +20,26 @@ def init(rank: int, world_size: int, port: int) -> None:
     dist.init_process_group("gloo", rank=rank, world_size=world_size)
 
 
+def rank_mismatches(state: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Tensors that are not bitwise equal on every rank: name -> largest difference from rank 0's (a collective)."""
+    out = {}
+    for name, tensor in state.items():
+        gathered = [torch.empty_like(tensor) for _ in range(dist.get_world_size())]
+        dist.all_gather(gathered, tensor.contiguous())
+        if not all(torch.equal(gathered[0], g) for g in gathered[1:]):
+            out[name] = max(float((g.double() - gathered[0].double()).abs().max()) for g in gathered[1:])
+    return out
+
+
+def float_tensors(module: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
+    """Every floating-point parameter or buffer (BatchNorm running statistics...), copied."""
+    named = module.named_parameters() if kind == "parameters" else module.named_buffers()
+    return {name: t.detach().clone() for name, t in named if t.is_floating_point()}
+
+
 def count_comm(rank: int, world_size: int, port: int, out: str, variants: list[list[str]], steps: int) -> None:
-    """For each config variant: gradient bytes all-reduced per step and whether replicas stay bitwise equal."""
+    """For each config variant: gradient bytes all-reduced per step, and which floating-point tensors of the
+    state (parameters and buffers) differ between ranks, at every forward, after the steps and after evaluate()."""
     init(rank, world_size, port)
     results = []
     for overrides in variants:
@@ -37,22 +55,56 @@ def count_comm(rank: int, world_size: int, port: int, out: str, variants: list[l
             return dist.all_reduce(buf, async_op=True).get_future().then(lambda f: f.value()[0])
 
         trainer.backend.ddp.register_comm_hook(None, hook)
+        # The buffers each forward starts from: DDP's buffer broadcast (if on) has run by then.
+        at_forward: list[dict[str, torch.Tensor]] = []
+        handle = trainer.model.register_forward_pre_hook(
+            lambda module, args: at_forward.append(float_tensors(module, "buffers"))
+        )
         per_step = []
         for step in range(steps):
             before = counted["bytes"]
             x, y = trainer.local_batch(step)
             trainer.backend.train_step(trainer.method, x, y, step)
             per_step.append(counted["bytes"] - before)
-        flat = torch.cat([p.detach().flatten() for p in trainer.model.parameters()])
-        gathered = [torch.empty_like(flat) for _ in range(world_size)]
-        dist.all_gather(gathered, flat)
+        handle.remove()
+        at_each_forward: dict[str, float] = {}
+        for i, buffers in enumerate(at_forward):
+            at_each_forward.update({f"forward {i}: {k}": v for k, v in rank_mismatches(buffers).items()})
+        after_steps = rank_mismatches(float_tensors(trainer.model, "buffers"))
+        parameters = rank_mismatches(float_tensors(trainer.model, "parameters"))
+        trainer.evaluate()  # the product's own path to reading the state
         results.append(
             {
                 "overrides": overrides,
                 "bytes_per_step": per_step,
-                "identical": all(torch.equal(gathered[0], g) for g in gathered[1:]),
+                "parameter_names": sorted(float_tensors(trainer.model, "parameters")),
+                "buffer_names": sorted(float_tensors(trainer.model, "buffers")),
+                "ddp_syncs_buffers": bool(getattr(trainer.backend.ddp, "forward_sync_buffers", True)),
+                "forwards": len(at_forward),
+                # name -> largest difference from rank 0's; empty: bitwise identical on every rank
+                "parameter_mismatches": parameters,
+                "buffer_mismatches_at_each_forward": at_each_forward,
+                "buffer_mismatches_after_steps": after_steps,
+                "buffer_mismatches_after_evaluate": rank_mismatches(float_tensors(trainer.model, "buffers")),
             }
         )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
+    dist.destroy_process_group()
+
+
+def evaluate_worker(rank: int, world_size: int, out: str, overrides: list[str]) -> None:
+    """Each rank's ``Trainer.evaluate()`` at the initial weights, and rank 0's model state to score it by hand."""
+    torch.set_num_threads(1)
+    # A file rendezvous: no port to race for with other process groups on a shared machine.
+    dist.init_process_group("gloo", init_method=f"file://{out}/rendezvous", rank=rank, world_size=world_size)
+    cfg = load_config("quickstart", overrides)
+    trainer = Trainer(cfg, Path(out) / "run", distributed.setup("cpu"))
+    metrics = trainer.evaluate()
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, metrics)
+    if rank == 0:
+        torch.save(trainer.model.state_dict(), Path(out) / "model.pt")
+        (Path(out) / "metrics.json").write_text(json.dumps(gathered))
+    dist.barrier()
     dist.destroy_process_group()

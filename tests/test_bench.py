@@ -71,6 +71,7 @@ def test_bench_runs_end_to_end_and_reports_every_field(tmp_path, capsys):
         "ssgd-halves-regenerate",
         "ssgd-naive",
         "sam",
+        "ssgd-halves-syncbn",  # on the MLP: no BatchNorm to synchronise, the same step as halves
     }
     for r in report["results"]:
         assert RESULT_FIELDS <= set(r), RESULT_FIELDS - set(r)

@@ -21,7 +21,7 @@ from ssgd_dist.backends.local import LocalBackend
 from ssgd_dist.bn import recalibrate_bn
 from ssgd_dist.config import Config
 from ssgd_dist.methods import build_method
-from ssgd_dist.noise import draw_noise, noise_generator, select_targets
+from tests import reference
 
 SEED, STEP = 11, 5
 
@@ -144,13 +144,9 @@ def _one_step(method: str, split: str = "halves"):
 
 
 def _noise_on_first_layer(ref, cfg):
-    targets = select_targets(ref, cfg.noise.targets)
-    noise = list(
-        draw_noise(
-            targets, cfg.noise.distribution, cfg.noise.scale, cfg.noise.alpha, noise_generator(cfg.seed, STEP, "cpu")
-        )
-    )
-    return noise[0]  # model[0].weight is the first target
+    """The documented noise of model[0].weight (tests/reference.py), not the package's own noise function."""
+    assert (cfg.noise.distribution, cfg.noise.scale, cfg.noise.targets) == ("rademacher", "layer_rms", "weights")
+    return reference.noise(ref, "rademacher", cfg.seed, STEP, cfg.noise.alpha)["0.weight"]
 
 
 def test_halves_updates_running_stats_once_per_sample_at_both_points():

@@ -4,6 +4,7 @@ import torch
 from torch import nn
 
 from ssgd_dist.optim import SymmetricNoiseOptimizer
+from tests import reference
 
 
 def setup():
@@ -32,6 +33,46 @@ def test_closure_step_equals_the_manual_two_pass_step():
     opt_b.step()
     for a, b in zip(model_a.parameters(), model_b.parameters()):
         torch.testing.assert_close(a, b)
+
+
+def grads_at(model, delta, x, y):
+    m = copy.deepcopy(model)
+    with torch.no_grad():
+        for name, p in m.named_parameters():
+            p.add_(delta.get(name, torch.zeros_like(p)))
+    return torch.autograd.grad(nn.functional.cross_entropy(m(x), y), list(m.parameters()))
+
+
+def test_each_step_perturbs_by_the_documented_noise_and_applies_the_mean_gradient():
+    """Against tests/reference.py, step after step: perturb() puts the kernels at w + n_t (n_t from the
+    generator of (seed, t), alpha * rms(w) * xi), reflect() at w - n_t, biases untouched, restore() at w
+    bit for bit, and the closure step is w - lr * 1/2 (g(w + n_t) + g(w - n_t))."""
+    model, x, y = setup()
+    lr, alpha, seed = 0.1, 0.2, 4
+    opt = SymmetricNoiseOptimizer(model, torch.optim.SGD(model.parameters(), lr=lr), alpha=alpha, seed=seed)
+    for step in range(3):
+        ref = copy.deepcopy(model)  # w before this step
+        n = reference.noise(ref, "rademacher", seed, step, alpha)
+        assert sorted(n) == ["0.weight", "2.weight"]
+        for sign, move in ((1, opt.perturb), (-1, opt.reflect)):
+            move()
+            for (name, p), (_, w) in zip(model.named_parameters(), ref.named_parameters()):
+                want = w + sign * n[name] if name in n else w
+                torch.testing.assert_close(p.detach(), want.detach(), rtol=1e-6, atol=1e-7, msg=f"{step} {name}")
+        opt.restore()
+        assert all(torch.equal(p, w) for p, w in zip(model.parameters(), ref.parameters()))
+
+        def closure():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            return loss
+
+        opt.zero_grad()
+        opt.step(closure)
+        plus, minus = grads_at(ref, n, x, y), grads_at(ref, {k: -v for k, v in n.items()}, x, y)
+        for (name, p), w, gp, gm in zip(model.named_parameters(), ref.parameters(), plus, minus):
+            want = w.detach() - lr * (gp + gm) / 2
+            torch.testing.assert_close(p.detach(), want, rtol=1e-5, atol=1e-6, msg=f"step {step}: {name}")
 
 
 def test_restore_is_exact_and_the_base_step_acts_on_w():

@@ -143,12 +143,17 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
                 }
             )
 
-    # 2. Clipping: once per step, on the synchronized (all-reduced) gradient; fp16 unscales once first.
-    for precision in ("fp32", "fp16"):
+    # 2. Clipping: once per step, on the synchronized (all-reduced) gradient; fp16 unscales once first,
+    # also when the step's passes run in two micro-steps each.
+    for precision, micro_steps in (("fp32", 1), ("fp16", 1), ("fp16", 2)):
         model = tiny_model()
         reference = copy.deepcopy(model)
         backend = DDPBackend(
-            model, torch.optim.SGD(model.parameters(), lr=LR), precision=precision, clip_grad_norm=MAX_NORM
+            model,
+            torch.optim.SGD(model.parameters(), lr=LR),
+            precision=precision,
+            clip_grad_norm=MAX_NORM,
+            micro_steps=micro_steps,
         )
         method = build_method(Config(method="ssgd", seed=SEED), model, rank, world_size)
         seen, unscales = [], {"n": 0}
@@ -181,6 +186,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
         report["clip"] += every_rank(
             {
                 "precision": precision,
+                "micro_steps": micro_steps,
                 "skipped": result.skipped,
                 "calls": len(seen),
                 "max_norm": seen[0][1] if seen else None,
@@ -227,9 +233,9 @@ def test_an_overflow_in_either_pass_of_one_rank_skips_the_step_on_every_rank(two
 
 @pytest.mark.distributed
 def test_clipping_happens_once_on_the_synchronized_gradient(two_ranks):
-    assert len(two_ranks["clip"]) == 4
+    assert len(two_ranks["clip"]) == 6
     for case in two_ranks["clip"]:
-        where = f"{case['precision']}, rank {case['rank']}"
+        where = f"{case['precision']}, {case['micro_steps']} micro-steps, rank {case['rank']}"
         assert not case["skipped"], where
         assert case["clipping_active"], where
         assert case["calls"] == 1 and case["max_norm"] == MAX_NORM, where

@@ -234,8 +234,7 @@ def test_sweep_on_a_local_ray_cluster(tmp_path):
     import subprocess
     import sys
 
-    pytest.importorskip("ray")
-    from tests.ray_cluster import start_cluster
+    from tests.ray_cluster import start_cluster  # the ray marker: tests/conftest.py requires Ray
 
     grid = tmp_path / "tiny.yaml"
     grid.write_text(GRID)

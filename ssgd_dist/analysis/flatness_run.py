@@ -65,6 +65,13 @@ def measure_run(
         data = load_dataset(cfg.data)
         seed_initial_weights(cfg.seed)
         model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
+        problem = _state_mismatch(model.state_dict(), state.get("model"))
+        if problem:
+            raise ConfigError(
+                f"flatness: checkpoint {ckpt_path} does not fit the model of {run_dir / 'config.yaml'} "
+                f"(model.name = {cfg.model.name}): {problem}; pass a checkpoint of this run, or the run directory "
+                "it came from"
+            )
         model.load_state_dict(state["model"])
         n = len(data.y_train) if opts.samples <= 0 else min(opts.samples, len(data.y_train))
         shard = slice(ctx.rank, None, ctx.world_size)
@@ -114,3 +121,21 @@ def summary_line(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # pragma: no cover - convenience
     print(summary_line(measure_run(Path(sys.argv[1]))))
+
+
+def _state_mismatch(expected: dict[str, torch.Tensor], given: object) -> str | None:
+    """Why the checkpoint's ``model`` tensors cannot load into a model with ``expected`` (None: they can)."""
+    if not isinstance(given, dict):
+        return "it holds no model weights"
+    missing = [k for k in expected if k not in given]
+    unexpected = [k for k in given if k not in expected]
+    if missing or unexpected:
+        parts = [f"{len(missing)} tensors missing (e.g. {missing[0]})"] if missing else []
+        parts += [f"{len(unexpected)} unexpected (e.g. {unexpected[0]})"] if unexpected else []
+        return ", ".join(parts)
+    for key, tensor in expected.items():
+        other = given[key]
+        if not isinstance(other, torch.Tensor) or other.shape != tensor.shape:
+            shape = tuple(other.shape) if isinstance(other, torch.Tensor) else type(other).__name__
+            return f"{key} has shape {shape}, the model expects {tuple(tensor.shape)}"
+    return None

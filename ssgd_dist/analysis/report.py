@@ -13,13 +13,14 @@ from __future__ import annotations
 import json
 import math
 import statistics
+import sys
 from collections import defaultdict
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
-
+from .. import safe_yaml
+from ..errors import ConfigError
 from ..metrics import read_metrics
 from .plots import (
     label_key,
@@ -71,8 +72,39 @@ def method_label(cfg: dict) -> str:
 
 
 def summarize_run(run_dir: Path) -> RunSummary:
+    """One run's summary; a damaged run directory raises ``ConfigError`` naming the file at fault."""
     run_dir = Path(run_dir)
-    cfg = yaml.safe_load((run_dir / "config.yaml").read_text())
+    what = f"report: {safe_yaml.clip(str(run_dir / 'config.yaml'))}"
+    cfg = safe_yaml.read_mapping(run_dir / "config.yaml", what)
+    try:
+        return _summarize(run_dir, cfg)
+    except (KeyError, TypeError, AttributeError) as exc:
+        raise ConfigError(f"{what}: lacks or mistypes {exc} (not a config.yaml that ssgd-dist train wrote)") from None
+    except ConfigError:
+        raise
+    except ValueError as exc:  # a damaged sweep.json or flatness.json
+        raise ConfigError(f"report: {safe_yaml.clip(str(run_dir))}: a damaged JSON file ({exc})") from None
+
+
+def summarize_runs(run_dirs: list[Path]) -> list[RunSummary]:
+    """The summaries of the readable runs; each damaged one is skipped with a one-line warning naming it
+    (when none is readable: ``ConfigError``, the one run's own message when there was one)."""
+    runs, skipped = [], []
+    for d in run_dirs:
+        try:
+            runs.append(summarize_run(d))
+        except ConfigError as exc:
+            skipped.append((d, exc))
+    if not runs and skipped:
+        if len(skipped) == 1:
+            raise skipped[0][1]
+        raise ConfigError(f"report: no readable run directory; {skipped[0][1]} (and {len(skipped) - 1} more damaged)")
+    for d, exc in skipped:
+        print(f"ssgd-dist: warning: skipping {d}: {exc}", file=sys.stderr, flush=True)
+    return runs
+
+
+def _summarize(run_dir: Path, cfg: dict) -> RunSummary:
     label = method_label(cfg)
     info_path = run_dir / "sweep.json"
     if info_path.exists():
@@ -261,7 +293,7 @@ def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
 def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radius: float | None = None) -> Path:
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    runs = [summarize_run(d) for d in run_dirs]
+    runs = summarize_runs(run_dirs)
     if radius is None:
         radius = default_radius(runs)
     cells = cell_stats(runs, radius)

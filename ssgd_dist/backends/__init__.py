@@ -37,8 +37,17 @@ def backend_class(cfg: Config, world_size: int) -> type[Backend]:
     return LocalBackend
 
 
-def check_launch(cfg: Config, world_size: int) -> None:
-    """Refuse (``ConfigError``, exit 2) a config that cannot run on ``world_size`` ranks or on its backend."""
+def check_launch(cfg: Config, world_size: int, *, process_group: bool = True) -> None:
+    """Refuse (``ConfigError``, exit 2) a config that cannot run on ``world_size`` ranks or on its backend.
+
+    ``process_group``: whether the ranks are (or will be) in a torch.distributed group; a trainer passes
+    ``dist.is_initialized()``, launchers (torchrun, Ray Train) leave the default, as they create one.
+    """
+    if cfg.backend == "ddp" and world_size == 1 and not process_group:
+        raise ConfigError(
+            "backend = ddp in a single process (WORLD_SIZE unset or 1, no process group): launch the ranks "
+            "with torchrun (`torchrun --nproc_per_node=N -m ssgd_dist.cli train ...`), or use backend=local (or auto)"
+        )
     if cfg.backend == "local" and world_size > 1:
         raise ConfigError(
             f"backend = local with {world_size} ranks would train {world_size} unsynchronised copies; "

@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from ..bn import bn_restore, bn_snapshot, frozen_bn_stats
+from ..bn import bn_restore, bn_snapshot, end_step, frozen_bn_stats
 from ..config import Config
 from ..methods import Method, select_part
 
@@ -42,12 +42,14 @@ class Backend:
         precision: str = "fp32",
         clip_grad_norm: float | None = None,
         on_nonfinite: str = "stop",
+        micro_steps: int = 1,
     ):
         self.model = model
         self.optimizer = optimizer
         self.precision = precision
         self.clip_grad_norm = clip_grad_norm
         self.on_nonfinite = on_nonfinite
+        self.micro_steps = micro_steps
         device_type = next(model.parameters()).device.type
         self.device_type = device_type
         self.scaler = torch.amp.GradScaler(device_type) if precision == "fp16" else None
@@ -64,6 +66,7 @@ class Backend:
             precision=cfg.train.precision,
             clip_grad_norm=cfg.optim.clip_grad_norm,
             on_nonfinite=cfg.train.on_nonfinite,
+            micro_steps=cfg.train.accumulation_steps,
         )
 
     # -- hooks a distributed backend overrides -------------------------------------------------
@@ -150,7 +153,14 @@ class Backend:
     def train_step(
         self, method: Method, x: torch.Tensor, y: torch.Tensor, step: int, loss_fn=nn.functional.cross_entropy
     ) -> StepResult:
-        passes = method.passes()
+        """One optimizer step on this rank's batch ``x, y``, cut into ``micro_steps`` micro-batches.
+
+        Pass-major: each pass places the weights once and runs every micro-batch, so the noise is the
+        same for all micro-steps and a pass can read the whole step's gradient of the one before (SAM).
+        Every backward but the very last holds its gradients back from synchronisation.
+        """
+        passes, k = method.passes(), self.micro_steps
+        micro = list(zip(x.chunk(k), y.chunk(k), strict=True))
         loss_sum = torch.zeros((), device=x.device)
         # Only a step that can be skipped needs a way back: a skipped one must not leave NaN statistics.
         bn_before = bn_snapshot(self.model) if self.can_skip else []
@@ -158,17 +168,19 @@ class Backend:
             with self.step_scope():
                 for index, p in enumerate(passes):
                     method.before_pass(index, step)
-                    last = index == len(passes) - 1
-                    with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
-                        with self.autocast():
-                            logits = self.module(self.cast_input(select_part(x, p.part)))
-                            loss = loss_fn(logits.float(), select_part(y, p.part))
-                        self.backward(loss * p.loss_weight)
-                    loss_sum += loss.detach().float()
+                    for j, (xm, ym) in enumerate(micro):
+                        last = index == len(passes) - 1 and j == k - 1
+                        with self.sync_context(last), frozen_bn_stats(self.model, not p.update_bn):
+                            with self.autocast():
+                                logits = self.module(self.cast_input(select_part(xm, p.part)))
+                                loss = loss_fn(logits.float(), select_part(ym, p.part))
+                            self.backward(loss * (p.loss_weight / k))
+                        loss_sum += loss.detach().float()
         finally:
             method.restore()  # weight decay, momentum and the LR act on w, never on w +- n
+        end_step(self.model)
         result = self.optimizer_step()
         if result.skipped:
             bn_restore(bn_before)
-        result.loss = loss_sum / len(passes)
+        result.loss = loss_sum / (len(passes) * k)
         return result

@@ -21,7 +21,9 @@ class DDPBackend(Backend):
         super().__init__(model, optimizer, **kwargs)
         device = next(model.parameters()).device
         device_ids = [device] if device.type == "cuda" else None
-        self.ddp = DistributedDataParallel(model, device_ids=device_ids, static_graph=False)
+        # No buffer broadcast: rank 0's BatchNorm statistics must not overwrite the others' (bn.py
+        # synchronises them before they are read); under bn_mode sync or ghost they never differ in use.
+        self.ddp = DistributedDataParallel(model, device_ids=device_ids, static_graph=False, forward_sync_buffers=False)
 
     @property
     def module(self) -> nn.Module:

@@ -5,15 +5,16 @@ Selected with ``backend: deepspeed``; DeepSpeed's settings live under ``deepspee
 
 How one optimizer step runs (two passes for S-SGD ``halves``/``full``, one for the others):
 
-* ``sync: boundary`` (ZeRO 0 and 1): ``gradient_accumulation_steps`` is the number of passes;
-  ``set_gradient_accumulation_boundary(False)`` before every pass but the last and ``(True)`` before
-  the last, so the engine reduces only in the last backward. Measured: one reduction per step.
+* ``sync: boundary`` (ZeRO 0 and 1): ``gradient_accumulation_steps`` is the number of backwards
+  (passes x ``train.accumulation_steps``); ``set_gradient_accumulation_boundary(False)`` before every
+  backward but the last and ``(True)`` before the last, so the engine reduces only in the last one.
+  Measured: one reduction per step.
 * ``sync: coalesce`` (ZeRO 2): ZeRO-2 reduces in every backward, boundary or not (two reductions per
   S-SGD step with the trick above), so the passes run inside ``engine.coalesce_grad_reduction()``
   (``gradient_accumulation_steps: 1``): gradients stay local and the block's exit reduces once.
   A DeepSpeed without that API falls back to ``boundary`` with a warning (two reductions per step).
 
-Losses go to ``engine.backward(loss * pass.loss_weight, scale_wrt_gas=False)``: the engine does not
+Losses go to ``engine.backward(loss * pass.loss_weight / k, scale_wrt_gas=False)``: the engine does not
 divide by its accumulation steps, so the accumulated gradient is exactly the method's (for S-SGD
 1/2 (g+ + g-)), and DeepSpeed's reduction averages it over the ranks, as DDP does.
 
@@ -133,7 +134,7 @@ def uses_bf16(cfg: Config) -> bool:
 
 def build_ds_config(cfg: Config, world_size: int, sync_mode: str, clip_in_engine: bool) -> dict[str, Any]:
     """The DeepSpeed config: batch bookkeeping, ZeRO stage, precision; then ``deepspeed.extra`` on top."""
-    passes = len(method_class(cfg).plan(cfg))
+    passes = len(method_class(cfg).plan(cfg)) * cfg.train.accumulation_steps
     gas = passes if sync_mode == "boundary" else 1
     local = max(1, cfg.data.batch_size // max(1, world_size))
     micro = max(1, local // gas)
@@ -175,7 +176,14 @@ class DeepSpeedBackend(Backend):
 
     @classmethod
     def from_config(cls, cfg: Config, model: nn.Module, optimizer: torch.optim.Optimizer) -> DeepSpeedBackend:
-        return cls(cfg, model, optimizer, clip_grad_norm=cfg.optim.clip_grad_norm, on_nonfinite=cfg.train.on_nonfinite)
+        return cls(
+            cfg,
+            model,
+            optimizer,
+            clip_grad_norm=cfg.optim.clip_grad_norm,
+            on_nonfinite=cfg.train.on_nonfinite,
+            micro_steps=cfg.train.accumulation_steps,
+        )
 
     def __init__(
         self,
@@ -185,11 +193,19 @@ class DeepSpeedBackend(Backend):
         precision: str = "fp32",
         clip_grad_norm: float | None = None,
         on_nonfinite: str = "stop",
+        micro_steps: int = 1,
         sync_mode: str | None = None,
     ):
         self.bf16 = uses_bf16(cfg)
         # The base class must not build a GradScaler: DeepSpeed owns mixed precision here.
-        super().__init__(model, optimizer, precision="fp32", clip_grad_norm=clip_grad_norm, on_nonfinite=on_nonfinite)
+        super().__init__(
+            model,
+            optimizer,
+            precision="fp32",
+            clip_grad_norm=clip_grad_norm,
+            on_nonfinite=on_nonfinite,
+            micro_steps=micro_steps,
+        )
         self.precision = "bf16" if self.bf16 else "fp32"
         self.zero_stage = cfg.deepspeed.zero_stage
         self.sync_mode = sync_mode or default_sync_mode(self.zero_stage)

@@ -264,6 +264,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
         "world_size": opts.world_size,
         "batch_size": opts.batch_size,
         "local_batch_size": opts.batch_size // opts.world_size,
+        "accumulation_steps": opts.accumulation_steps,
         "device": opts.device,
         "precision": opts.precision,
         "steps": opts.steps,

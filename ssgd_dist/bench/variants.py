@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends.ddp import DDPBackend
+from ..bn import convert_batchnorm
 from ..config import BenchOptions, Config, OptimConfig
 from ..methods import METHODS, SGD, Pass, build_method
 from ..optimizers import build_optimizer
@@ -29,6 +30,7 @@ class Variant:
     restore: str = "copy"
     naive: bool = False  # every pass all-reduces
     micro_batches: int = 1  # sgd-ga2: two half-size micro-batches, no noise
+    bn_mode: str = "local"  # BatchNorm statistics over this rank's samples, or (sync) every rank's
 
     def available(self, world_size: int) -> str | None:
         """None, or why this variant cannot run at this world size."""
@@ -48,6 +50,7 @@ VARIANTS = [
     Variant("ssgd-halves-regenerate", "ssgd", "halves", restore="regenerate"),
     Variant("ssgd-naive", "ssgd", "halves", naive=True),
     Variant("sam", "sam"),
+    Variant("ssgd-halves-syncbn", "ssgd", "halves", bn_mode="sync"),
 ]
 VARIANT_NAMES = [v.name for v in VARIANTS]
 
@@ -150,11 +153,11 @@ class Runner:
         self.variant = variant
         device = next(base_model.parameters()).device
         self.device = device
-        self.model = copy.deepcopy(base_model)
+        self.model = convert_batchnorm(copy.deepcopy(base_model), variant.bn_mode)
         optimizer = build_optimizer(OptimConfig(lr=0.01), self.model.parameters())
         backend_cls = NaiveDDPBackend if variant.naive else DDPBackend
         # training's default: no host sync
-        self.backend = backend_cls(self.model, optimizer, precision=opts.precision)
+        self.backend = backend_cls(self.model, optimizer, precision=opts.precision, micro_steps=opts.accumulation_steps)
         self.comm = CommCounter(world_size)
         self.backend.ddp.register_comm_hook(self.comm, counting_allreduce)
         cfg = Config(method=variant.method, seed=opts.seed)

@@ -22,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from ..config import dump_config, override, read_config_yaml
+from ..config import dump_config, override, parse_yaml_mapping, read_config_yaml
 from ..errors import ConfigError
 
 CONFIG_MAP = "ssgd-config"
@@ -96,7 +96,9 @@ def overlay_config(objs: list[dict]) -> dict:
     """The training config an overlay ships in its ``ssgd-config`` ConfigMap."""
     for obj in objs:
         if obj.get("kind") == "ConfigMap" and obj["metadata"]["name"] == CONFIG_MAP:
-            return yaml.safe_load(obj["data"][CONFIG_KEY]) or {}
+            return parse_yaml_mapping(
+                obj["data"][CONFIG_KEY], f"the overlay's {CONFIG_MAP} {CONFIG_KEY}", "keys to values"
+            )
     raise ConfigError(f"the overlay has no ConfigMap {CONFIG_MAP!r} with {CONFIG_KEY!r} to base --set on")
 
 

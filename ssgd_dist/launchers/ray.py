@@ -29,7 +29,9 @@ from ..analysis.flatness_run import flatness_path, measure_run
 from ..checkpoint import load_checkpoint_file
 from ..config import Config, FlatnessOptions, validate
 from ..errors import NonFiniteError
+from ..files import atomic_copy
 from ..metrics import scalars
+from ..rundir import LOCK
 from ..train import train
 
 # What a Ray checkpoint holds besides ``checkpoints/last.pt``: the run directory minus older checkpoints.
@@ -133,7 +135,8 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
         candidates.append(("run directory in the storage", download_run_dir(where.storage_path, where.name, tmp)))
         if rank == 0 and run_dir.exists():
             for entry in run_dir.iterdir():
-                if not entry.name.startswith(".crash-injected-"):  # test-only fault marker: keep it
+                # Keep the test-only fault marker, and the lock file (deleting it would unlock a live run's).
+                if not entry.name.startswith(".crash-injected-") and entry.name != LOCK:
                     shutil.rmtree(entry) if entry.is_dir() else entry.unlink()
     if rank == 0:  # snapshots a killed rank 0 left behind
         for stale in run_dir.glob(".ray-snapshot-*"):
@@ -144,7 +147,7 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
         run_dir.mkdir(parents=True, exist_ok=True)
         for fname in SNAPSHOT_FILES:  # a run directory without its files gets its history back
             if (snap / fname).exists() and not (run_dir / fname).exists():
-                shutil.copyfile(snap / fname, run_dir / fname)
+                atomic_copy(snap / fname, run_dir / fname)
         print(
             f"ssgd-dist: if the run directory has no checkpoint: resume from the {label} at step {step} ({snap})",
             flush=True,

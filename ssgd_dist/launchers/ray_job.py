@@ -28,7 +28,7 @@ import ray
 from ..backends import check_launch
 from ..config import Config, load_config
 from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
-from ..train import check_run_dir
+from ..rundir import check_run_dir
 from .ray import RunLocation, build_trainer, connect, is_uri
 
 DEFAULT_STORAGE = "~/ray_results"
@@ -97,11 +97,28 @@ def resolve_storage(args: argparse.Namespace, cfg: Config) -> RunLocation:
     return RunLocation(name, storage, os.path.join(storage, name))
 
 
+def check_args(args: argparse.Namespace) -> None:
+    """The flags' own rules, before Ray (or anything else) starts."""
+    if args.num_workers < 1:
+        raise ConfigError(f"--num-workers {args.num_workers}: needs at least 1 worker")
+    for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--gpus-per-worker", args.gpus_per_worker)):
+        if not value >= 0:  # also refuses nan
+            raise ConfigError(f"{flag} {value}: must be >= 0 (the share of a CPU or GPU Ray reserves per worker)")
+    if args.num_to_keep < 1:
+        raise ConfigError(f"--num-to-keep {args.num_to_keep}: keep at least 1 checkpoint, or resuming is impossible")
+    if args.max_failures < -1:
+        raise ConfigError(f"--max-failures {args.max_failures}: a count >= 0, or -1 for unlimited restarts")
+    storage = args.storage_path.removeprefix("file://")
+    if not is_uri(storage) and os.path.isfile(os.path.expanduser(storage)):
+        raise ConfigError(
+            f"--storage-path {args.storage_path}: is an existing file; pass a directory (or a URI such as s3://...)"
+        )
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        if args.num_workers < 1:
-            raise ConfigError(f"--num-workers {args.num_workers}: needs at least 1 worker")
+        check_args(args)
         cfg = resolve_config(args)
         check_launch(cfg, args.num_workers)
         where = resolve_storage(args, cfg)

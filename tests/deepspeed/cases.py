@@ -38,6 +38,8 @@ EXTRA_METHODS = {
     "adamw": ["method=ssgd", "optim.name=adamw", "optim.lr=0.01"],
     # BatchNorm: running statistics updated once per sample (the w+n pass only, under `full`).
     "bn": ["method=ssgd", "ssgd.batch_split=full", "model.name=cnn1d", "model.batchnorm=true"],
+    # Gradient accumulation: 2 micro-steps per optimizer step, still one reduction per step.
+    "halves-k2": ["method=ssgd", "ssgd.batch_split=halves", "train.accumulation_steps=2"],
 }
 # Noise so large that every loss is inf/NaN: each step must be skipped (or stop the run), never applied.
 RESUMED = (

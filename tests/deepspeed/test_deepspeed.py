@@ -8,9 +8,7 @@ configs in the same launch (the DDP backend is tested against a single process e
 
 from __future__ import annotations
 
-import importlib.util
 import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -18,18 +16,13 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.conftest import REPO, TINY, run_cli, run_torchrun, sets
+from tests.conftest import INSTALL, REPO, TINY, require, run_cli, run_torchrun, sets
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import EXTRA_METHODS, METHODS, RESUMED, STAGES, all_cases, run_worker  # noqa: E402
 
-pytestmark = [
-    pytest.mark.deepspeed,
-    pytest.mark.distributed,
-    pytest.mark.skipif(
-        importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed: pip install -e '.[deepspeed]'"
-    ),
-]
+# The deepspeed marker makes tests/conftest.py require DeepSpeed (a skip, or an error under CI=true).
+pytestmark = [pytest.mark.deepspeed, pytest.mark.distributed]
 
 
 @pytest.fixture(scope="module")
@@ -63,12 +56,26 @@ def max_diff(a: dict, b: dict) -> float:
 @pytest.mark.parametrize("stage", STAGES)
 @pytest.mark.parametrize("method", [*METHODS, *EXTRA_METHODS])
 def test_final_parameters_equal_ddp(runs, stage, method):
-    """sgd, ssgd halves/full (and paired, gni, clipping, AdamW, BatchNorm): DeepSpeed == DDP after 4 steps."""
+    """sgd, ssgd halves/full (and paired, gni, clipping, AdamW, BatchNorm): DeepSpeed == DDP after 4 steps.
+
+    As measured (CPU, gloo): bit for bit, except gradient clipping under ZeRO 1/2, where DeepSpeed takes the
+    norm over its flat gradient partitions (another summation order): there the weights (all below 0.25 in
+    magnitude) differ by at most one float32 rounding step, 2^-26 = 1.49e-8. The README quotes these figures.
+    """
     name = f"z{stage}-{method}"
     r = result(runs, name)
     assert r["backend"] == "DeepSpeedBackend" and r["summary"]["step"] == 4
-    assert r["replicas_identical"]
-    assert max_diff(checkpoint(runs, name)["model"], checkpoint(runs, f"ddp-{method}")["model"]) <= 1e-5
+    assert r["parameter_mismatches"] == {}  # every parameter bitwise identical on both ranks
+    # Buffers (BatchNorm running statistics): the ranks agree exactly where DDP's ranks agree, and rank 0's,
+    # the checkpointed ones, equal DDP's (max_diff below covers every tensor of the model's state).
+    assert bool(r["buffer_names"]) == (method == "bn")
+    assert sorted(r["buffer_mismatches"]) == sorted(result(runs, f"ddp-{method}")["buffer_mismatches"])
+    got, want = checkpoint(runs, name)["model"], checkpoint(runs, f"ddp-{method}")["model"]
+    if method == "clip" and stage > 0:
+        assert max(float(v.abs().max()) for v in want.values()) < 0.25  # where one rounding step is 2^-26
+        assert max_diff(got, want) <= 2.0**-26
+    else:
+        assert max_diff(got, want) == 0.0
 
 
 @pytest.mark.parametrize("stage", [1, 2])
@@ -98,6 +105,15 @@ def test_ssgd_reduces_gradients_as_often_as_sgd(runs, stage, bf16):
         assert [s["step_reductions"] for s in ssgd] == [s["step_reductions"] for s in sgd]
 
 
+@pytest.mark.parametrize("stage", STAGES)
+def test_accumulation_still_reduces_once_per_optimizer_step(runs, stage):
+    """2 passes x 2 micro-steps: four backwards, one gradient reduction, as SGD."""
+    per_step = result(runs, f"z{stage}-halves-k2")["per_step"]
+    assert [s["grad_reductions"] for s in per_step] == [1] * 4
+    sgd = result(runs, f"z{stage}-sgd")["per_step"]
+    assert [s["grad_reduction_bytes"] for s in per_step] == [s["grad_reduction_bytes"] for s in sgd]
+
+
 def test_zero2_needs_coalescing_for_one_reduction(runs):
     """The accumulation-boundary trick reduces in every ZeRO-2 backward: twice per S-SGD step."""
     default, boundary = result(runs, "z2-halves"), result(runs, "z2-halves-boundary")
@@ -123,7 +139,7 @@ def test_bf16_runs_finite_with_bf16_weights_restored_exactly(runs, stage):
     for split in ("sgd", "halves", "full"):
         r = result(runs, f"z{stage}-bf16-{split}")
         assert r["param_dtype"] == "torch.bfloat16"
-        assert r["params_finite"] and r["replicas_identical"]
+        assert r["params_finite"] and r["parameter_mismatches"] == {}
         assert r["restore_mismatches"] == [0, 0, 0, 0]
         assert torch.isfinite(torch.tensor(r["summary"]["train_loss"]))
         # bf16 follows the fp32 run closely (4 steps)
@@ -131,16 +147,6 @@ def test_bf16_runs_finite_with_bf16_weights_restored_exactly(runs, stage):
             max_diff(checkpoint(runs, f"z{stage}-bf16-{split}")["model"], checkpoint(runs, f"ddp-{split}")["model"])
             < 0.02
         )
-
-
-def test_bf16_restore_by_subtraction_would_not_be_exact():
-    """Why the restore copies: in bf16, (w + n) - n != w for a noticeable share of elements."""
-    gen = torch.Generator().manual_seed(0)
-    w = torch.randn(4096, generator=gen).to(torch.bfloat16)
-    n = (0.3 * w.float().pow(2).mean().sqrt() * (torch.randint(0, 2, (4096,), generator=gen) * 2 - 1)).to(
-        torch.bfloat16
-    )
-    assert ((w + n) - n != w).float().mean() > 0.05
 
 
 # -- checkpoints and resume ---------------------------------------------------------------------------
@@ -223,13 +229,8 @@ def test_torchrun_cli_trains_with_the_deepspeed_backend(tmp_path):
     assert torch.load(run_dir / "checkpoints" / "last.pt", weights_only=True)["step"] == 2
 
 
-@pytest.mark.skipif(
-    shutil.which("deepspeed") is None and not (Path(sys.executable).parent / "deepspeed").exists(),
-    reason="no deepspeed launcher",
-)
 def test_deepspeed_launcher_passes_local_rank_and_trains(tmp_path):
-    launcher = Path(sys.executable).parent / "deepspeed"
-    launcher = str(launcher) if launcher.exists() else shutil.which("deepspeed")
+    launcher = require(tool="deepspeed", install=INSTALL["deepspeed"])
     run_dir = tmp_path / "run"
     proc = subprocess.run(
         [

@@ -6,21 +6,14 @@ config under torchrun. Slow (a Ray head plus a job): ``-m "not slow"`` leaves it
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
 import torch
 
 from tests.conftest import TINY as BASE
 from tests.conftest import run_torchrun, sets
 
-pytestmark = [
-    pytest.mark.deepspeed,
-    pytest.mark.ray,
-    pytest.mark.slow,
-    pytest.mark.skipif(importlib.util.find_spec("deepspeed") is None, reason="needs DeepSpeed"),
-    pytest.mark.skipif(importlib.util.find_spec("ray") is None, reason="needs Ray: pip install -e '.[ray]'"),
-]
+# The deepspeed and ray markers make tests/conftest.py require both (a skip, or an error under CI=true).
+pytestmark = [pytest.mark.deepspeed, pytest.mark.ray, pytest.mark.slow]
 
 TINY = ["--config", "quickstart", *BASE, *sets("train.max_steps=4", "train.checkpoint_every=2")]
 

@@ -25,14 +25,18 @@ K8S_VERSION = "1.32"  # the API version the manifests target (kubectl here is 1.
 _Loader = getattr(yaml, "CSafeLoader", yaml.SafeLoader)  # the CRD files are megabytes of YAML
 
 
+VENDORED_CRDS = Path(__file__).resolve().parent / "crds"  # byte-for-byte upstream copies (crds/README.md)
+
+
 def crd_dir() -> Path:
-    return Path(os.environ.get("SSGD_K8S_CRDS", REPO.parent / "shared" / "k8s-crds"))
+    """The CRD schemas to validate against: ``SSGD_K8S_CRDS`` if set, else the vendored copies."""
+    return Path(os.environ.get("SSGD_K8S_CRDS") or VENDORED_CRDS)
 
 
-def render(overlay: str) -> list[dict[str, Any]]:
+def render(overlay: str, kubectl: str | None = None) -> list[dict[str, Any]]:
     """``kubectl kustomize`` the overlay, exactly what ``kubectl apply -k`` would send."""
-    kubectl = shutil.which("kubectl")
-    assert kubectl, "kubectl not on PATH"
+    kubectl = kubectl or shutil.which("kubectl")
+    assert kubectl, "kubectl is not on PATH: it renders the kustomize overlays"
     out = subprocess.run(
         [kubectl, "kustomize", str(K8S / "overlays" / overlay)],
         check=True,

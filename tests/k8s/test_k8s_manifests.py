@@ -4,6 +4,7 @@ and is wired consistently (node counts, rendezvous address, token Secret, volume
 from __future__ import annotations
 
 import copy
+import hashlib
 import re
 import subprocess
 import sys
@@ -13,7 +14,17 @@ import pytest
 import yaml
 from k8s_checks import OVERLAYS, env_value, gpus
 
+from tests.conftest import INSTALL, require
+
 CUSTOM_KINDS = {"RayJob", "RayCluster", "PyTorchJob"}
+
+
+def kubernetes_validate():
+    """The offline validator of core kinds (the ``k8s`` extra): skipped without it, an error under CI=true."""
+    require(module="kubernetes_validate", install=INSTALL["k8s"])
+    import kubernetes_validate
+
+    return kubernetes_validate
 
 
 def one(objs, kind):
@@ -39,20 +50,20 @@ def test_overlay_renders(rendered, overlay):
 
 @pytest.mark.parametrize("overlay", OVERLAYS)
 def test_core_objects_validate_strict(rendered, overlay):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    validator = kubernetes_validate()
     for obj in rendered[overlay]:
         if obj["kind"] in CUSTOM_KINDS:
             # Their pod templates are core PodTemplateSpecs: hold them to the core schema too.
             for _path, template in kc.pod_templates(obj):
                 wrapped = {"apiVersion": "v1", "kind": "PodTemplate", "metadata": {"name": "t"}, "template": template}
-                kubernetes_validate.validate(wrapped, kc.K8S_VERSION, strict=True)
+                validator.validate(wrapped, kc.K8S_VERSION, strict=True)
         else:
-            kubernetes_validate.validate(obj, kc.K8S_VERSION, strict=True)
+            validator.validate(obj, kc.K8S_VERSION, strict=True)
 
 
 def test_kubernetes_validate_cli(rendered, tmp_path):
     """The documented command line, on the files as rendered: no ERROR lines, exit status 0."""
-    pytest.importorskip("kubernetes_validate")
+    kubernetes_validate()
     files = []
     for overlay, objs in rendered.items():
         path = tmp_path / f"{overlay}.yaml"
@@ -75,6 +86,16 @@ def test_custom_resources_match_crd_schemas(rendered, crds, overlay):
         assert kc.crd_errors(obj, crds) == [], f"{obj['kind']}/{obj['metadata']['name']}"
 
 
+def test_vendored_crds_are_the_recorded_upstream_bytes():
+    """tests/k8s/crds holds unmodified upstream files: each one's SHA-256 is the one its README records."""
+    readme = (kc.VENDORED_CRDS / "README.md").read_text()
+    recorded = dict(re.findall(r"^- `([^`]+\.yaml)` `([0-9a-f]{64})`", readme, re.M))
+    files = sorted(p.name for p in kc.VENDORED_CRDS.glob("*.yaml"))
+    assert files == sorted(recorded) == ["kubeflow.org_pytorchjobs.yaml", "ray.io_rayjobs.yaml"]
+    for name, digest in recorded.items():
+        assert hashlib.sha256((kc.VENDORED_CRDS / name).read_bytes()).hexdigest() == digest, name
+
+
 def test_crd_check_rejects_unknown_field_and_wrong_type(rendered, crds):
     rayjob = one(rendered["rayjob"], "RayJob")
     unknown = copy.deepcopy(rayjob)
@@ -93,7 +114,7 @@ def test_crd_check_rejects_unknown_field_and_wrong_type(rendered, crds):
 
 
 def test_core_check_rejects_unknown_field_and_wrong_type(rendered):
-    kubernetes_validate = pytest.importorskip("kubernetes_validate")
+    validator = kubernetes_validate()
     job = one(rendered["torchrun-job"], "Job")
     for mutate in (
         lambda j: j["spec"].__setitem__("completion", 2),  # unknown field
@@ -102,8 +123,8 @@ def test_core_check_rejects_unknown_field_and_wrong_type(rendered):
     ):
         bad = copy.deepcopy(job)
         mutate(bad)
-        with pytest.raises(kubernetes_validate.ValidationError):
-            kubernetes_validate.validate(bad, kc.K8S_VERSION, strict=True)
+        with pytest.raises(validator.ValidationError):
+            validator.validate(bad, kc.K8S_VERSION, strict=True)
 
 
 # --- wiring -----------------------------------------------------------------------------------
