@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 
 from .config import load_config
-from .errors import EXIT_CONFIG, EXIT_DISK_FULL, EXIT_NONFINITE, ConfigError, DiskFullError, NonFiniteError, Stopped
+from .errors import EXPECTED, ConfigError, explain
 from .launchers.torchrun import run_torchrun
 
 
@@ -321,22 +321,11 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return args.func(args)
-    except ConfigError as exc:
+    except EXPECTED as exc:
+        code, line = explain(exc)
         if _is_rank0():
-            print(f"ssgd-dist: error: {exc}", file=sys.stderr)
-        return EXIT_CONFIG
-    except NonFiniteError as exc:
-        if _is_rank0():
-            print(f"ssgd-dist: stopped: {exc}; {exc.hint}", file=sys.stderr)
-        return EXIT_NONFINITE
-    except DiskFullError as exc:
-        if _is_rank0():
-            print(f"ssgd-dist: error: {exc}", file=sys.stderr)
-        return EXIT_DISK_FULL
-    except Stopped as exc:
-        if _is_rank0():
-            print(f"ssgd-dist: {exc}; run the same command again to resume from the last checkpoint", file=sys.stderr)
-        return exc.exit_code
+            print(f"ssgd-dist: {line}", file=sys.stderr)
+        return code
 
 
 if __name__ == "__main__":

@@ -255,13 +255,20 @@ class Config(_Section):
         return self.model_dump(mode="json")
 
 
-def packaged_config_names() -> list[str]:
-    return sorted(p.name[:-5] for p in resources.files("ssgd_dist.configs").iterdir() if p.name.endswith(".yaml"))
+def _packaged_folder(folder: str):
+    root = resources.files("ssgd_dist.configs")
+    return root / folder if folder else root
 
 
-def read_config_yaml(name_or_path: str) -> dict[str, Any]:
-    """A config file or packaged config as a mapping, read by ``safe_yaml`` (bounded and strict)."""
-    what = f"--config {clip(name_or_path)}"
+def packaged_names(folder: str = "") -> list[str]:
+    """The packaged YAML files under ``ssgd_dist/configs/FOLDER``, by name (configs, or ``grids``)."""
+    root = _packaged_folder(folder)
+    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml")) if root.is_dir() else []
+
+
+def read_named_yaml(name_or_path: str, what: str, kind: str, folder: str = "") -> tuple[str, Path | None]:
+    """The text of a YAML file given by path, or of a packaged one given by name (``kind`` names it in
+    errors), read by ``safe_yaml`` (bounded and strict); and the file's path (None when packaged)."""
     path = Path(name_or_path)
     try:
         exists = path.exists()
@@ -271,17 +278,22 @@ def read_config_yaml(name_or_path: str) -> dict[str, Any]:
     if exists or path.suffix in (".yaml", ".yml"):
         if not is_file:
             raise ConfigError(f"{what}: " + ("not a regular file (a directory?)" if exists else "no such file"))
-        text = safe_yaml.read_text(path, what)
-    else:
-        packaged = resources.files("ssgd_dist.configs") / f"{name_or_path}.yaml"
-        if not packaged.is_file():
-            names = packaged_config_names()
-            hint = difflib.get_close_matches(name_or_path, names, n=1)
-            did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
-            raise ConfigError(
-                f"{what}: not a file and not a packaged config{did_you_mean}; packaged: {', '.join(names)}"
-            )
-        text = safe_yaml.decode(packaged.read_bytes(), what)
+        return safe_yaml.read_text(path, what), path.resolve()
+    packaged = _packaged_folder(folder) / f"{name_or_path}.yaml"
+    if not packaged.is_file():
+        names = packaged_names(folder)
+        hint = difflib.get_close_matches(name_or_path, names, n=1)
+        did_you_mean = f" (did you mean '{hint[0]}'?)" if hint else ""
+        raise ConfigError(
+            f"{what}: not a file and not a packaged {kind}{did_you_mean}; packaged: {', '.join(names) or 'none'}"
+        )
+    return safe_yaml.decode(packaged.read_bytes(), what), None
+
+
+def read_config_yaml(name_or_path: str) -> dict[str, Any]:
+    """A config file or packaged config as a mapping."""
+    what = f"--config {clip(name_or_path)}"
+    text, _ = read_named_yaml(name_or_path, what, "config")
     return parse_yaml_mapping(text, what, "keys to values")
 
 

@@ -61,3 +61,19 @@ class Stopped(BaseException):
 
     def __reduce__(self):
         return type(self), (self.signum,)
+
+
+EXPECTED = (ConfigError, NonFiniteError, DiskFullError, Stopped)
+
+
+def explain(exc: BaseException) -> tuple[int, str]:
+    """The exit code of an ``EXPECTED`` error and the one line an entry point prints for it."""
+    if isinstance(exc, ConfigError):
+        return EXIT_CONFIG, f"error: {exc}"
+    if isinstance(exc, NonFiniteError):
+        return EXIT_NONFINITE, f"stopped: {exc}; {exc.hint}"
+    if isinstance(exc, DiskFullError):
+        return EXIT_DISK_FULL, f"error: {exc}"
+    if isinstance(exc, Stopped):
+        return exc.exit_code, f"{exc}; run the same command again to resume from the last checkpoint"
+    raise TypeError(f"not an expected error: {exc!r}")

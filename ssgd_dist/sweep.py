@@ -37,13 +37,22 @@ import re
 import time
 import traceback
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
 from . import safe_yaml
 from .analysis.flatness_run import flatness_path
-from .config import Config, FlatnessOptions, apply_override, dump_config, parse_yaml_mapping, read_config_yaml, validate
+from .config import (
+    Config,
+    FlatnessOptions,
+    apply_override,
+    dump_config,
+    packaged_names,
+    parse_yaml_mapping,
+    read_config_yaml,
+    read_named_yaml,
+    validate,
+)
 from .errors import EXIT_NONFINITE, ConfigError, NonFiniteError
 from .safe_yaml import clip, shown
 
@@ -113,33 +122,13 @@ class Grid:
 
 # -- reading grids -----------------------------------------------------------------------------------
 def packaged_grid_names() -> list[str]:
-    root = resources.files("ssgd_dist.configs") / "grids"
-    if not root.is_dir():
-        return []
-    return sorted(p.name[:-5] for p in root.iterdir() if p.name.endswith(".yaml"))
+    return packaged_names("grids")
 
 
 def _read_grid_file(name_or_path: str) -> tuple[dict[str, Any], Path | None]:
-    """The grid's mapping, read by ``safe_yaml`` (bounded and strict, like a config file)."""
+    """The grid's mapping, read like a config file; and its path (None when packaged)."""
     what = f"sweep {clip(name_or_path)}"
-    path = Path(name_or_path)
-    try:
-        exists = path.exists()
-        is_file = exists and path.is_file()
-    except OSError as exc:  # a name too long for the file system, for instance
-        raise ConfigError(f"{what}: {exc.strerror or exc}") from None
-    if exists or path.suffix in (".yaml", ".yml"):
-        if not is_file:
-            raise ConfigError(f"{what}: " + ("not a regular file (a directory?)" if exists else "no such file"))
-        text, where = safe_yaml.read_text(path, what), path.resolve()
-    else:
-        packaged = resources.files("ssgd_dist.configs") / "grids" / f"{name_or_path}.yaml"
-        if not packaged.is_file():
-            raise ConfigError(
-                f"{what}: not a file and not a packaged grid; "
-                f"packaged grids: {', '.join(packaged_grid_names()) or 'none'}"
-            )
-        text, where = safe_yaml.decode(packaged.read_bytes(), what), None
+    text, where = read_named_yaml(name_or_path, what, "grid", "grids")
     data = parse_yaml_mapping(text, what, "grid keys (name, base, methods, batch_sizes, seeds, ...)")
     unknown = [key for key in data if key not in GRID_KEYS]
     if unknown:
