@@ -190,7 +190,7 @@ def convert_batchnorm(model: nn.Module, mode: str, ghost_batch: int | None = Non
 
 def end_step(model: nn.Module) -> None:
     """After all passes of an optimizer step: ghost layers take their one running-statistics update."""
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()[1]
     for m in model.modules():
         if isinstance(m, GhostBatchNorm):
             m.end_step(world)
@@ -203,7 +203,7 @@ def synchronize_running_stats(model: nn.Module) -> None:
     ``local`` layers (each rank saw only its own samples) are averaged over the ranks; ``ghost`` layers
     fold in every rank's pending share; ``sync`` layers are identical on every rank already.
     """
-    world = dist.get_world_size() if dist.is_initialized() else 1
+    world = _world()[1]
     for m in tracking_bn_layers(model):
         if isinstance(m, GhostBatchNorm):
             m.settle()

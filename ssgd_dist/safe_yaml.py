@@ -134,24 +134,22 @@ class _Loader(
             raise YAMLRefused(None, None, f"{shown(value)} is not a boolean (true or false)", node.start_mark)
         return value.lower() == "true"
 
-    def construct_yaml_int(self, node):
+    def _number_text(self, node, pattern: re.Pattern, what: str) -> str:
+        """The scalar's text, refused if it is too long to be a sane number or not ``what``."""
         value = self.construct_scalar(node)
         if len(value) > MAX_NUMBER_CHARS:
             raise YAMLRefused(
                 None, None, f"a number of {len(value)} characters (at most {MAX_NUMBER_CHARS})", node.start_mark
             )
-        if not _INT.match(value):
-            raise YAMLRefused(None, None, f"{shown(value)} is not a decimal integer", node.start_mark)
-        return int(value)
+        if not pattern.match(value):
+            raise YAMLRefused(None, None, f"{shown(value)} is not {what}", node.start_mark)
+        return value
+
+    def construct_yaml_int(self, node):
+        return int(self._number_text(node, _INT, "a decimal integer"))
 
     def construct_yaml_float(self, node):
-        value = self.construct_scalar(node)
-        if len(value) > MAX_NUMBER_CHARS:
-            raise YAMLRefused(
-                None, None, f"a number of {len(value)} characters (at most {MAX_NUMBER_CHARS})", node.start_mark
-            )
-        if not _FLOAT.match(value):
-            raise YAMLRefused(None, None, f"{shown(value)} is not a decimal number", node.start_mark)
+        value = self._number_text(node, _FLOAT, "a decimal number")
         lowered = value.lower()
         if lowered.endswith(".inf"):
             return float("-inf") if lowered.startswith("-") else float("inf")

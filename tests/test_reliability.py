@@ -15,6 +15,14 @@ from ssgd_dist.train import train
 from tests.conftest import REPO, TINY, final_params, run_cli, run_torchrun
 
 ARGS = ["train", "--config", "quickstart", *TINY, "--set", "train.epochs=2", "--set", "train.checkpoint_every=3"]
+# A small in-process run whose skip policy tolerates no skipped step at all.
+NO_SKIP_ALLOWED = [
+    "data.num_samples=1000",
+    "data.batch_size=100",
+    "model.hidden=[8]",
+    "train.on_nonfinite=skip",
+    "train.max_skips=0",
+]
 
 
 def test_elastic_torchrun_survives_a_sigkilled_worker_bit_for_bit(tmp_path):
@@ -175,11 +183,7 @@ def test_a_failure_elsewhere_still_writes_the_steps_read_so_far(tmp_path):
     cfg = load_config(
         "quickstart",
         [
-            "data.num_samples=1000",
-            "data.batch_size=100",
-            "model.hidden=[8]",
-            "train.on_nonfinite=skip",
-            "train.max_skips=0",
+            *NO_SKIP_ALLOWED,
             "train.nan_at_step=6",
             "train.log_every=50",
             "train.progress=false",
@@ -250,11 +254,7 @@ def test_too_many_skips_stop_the_run(tmp_path):
     cfg = load_config(
         "quickstart",
         [
-            "data.num_samples=1000",
-            "data.batch_size=100",
-            "model.hidden=[8]",
-            "train.on_nonfinite=skip",
-            "train.max_skips=0",
+            *NO_SKIP_ALLOWED,
             "train.nan_at_step=1",
             "train.progress=false",
         ],
