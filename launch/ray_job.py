@@ -3,7 +3,10 @@
     ray job submit --address http://HEAD:8265 --working-dir . -- \\
         python launch/ray_job.py --config quickstart --num-workers 2 \\
         [--use-gpu] [--set key=value ...] [--storage-path PATH_OR_URI] [--name RUN] \\
-        [--local-dir DIR] [--max-failures N] [--num-to-keep N]
+        [--local-dir DIR] [--max-failures N] [--num-to-keep N] [--resize-interval S]
+
+``--num-workers MIN-MAX`` (e.g. ``1-2``) makes the run elastic: Ray continues it on fewer workers when
+some are lost and on more when they return, from the newest checkpoint, with the same result.
 
 Ray Train workers run the same loop and DDP S-SGD step as ``torchrun -m ssgd_dist.cli train``; the run
 directory is ``<storage-path>/<name>`` (``config.yaml``, ``metrics.jsonl``, ``checkpoints/last.pt``), so

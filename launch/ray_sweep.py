@@ -5,9 +5,9 @@
         [--workers 2] [--use-gpu] [--max-concurrent 4] [--set key=value ...] [--seeds 0,1,2]
 
 This is ``ssgd-dist sweep GRID --ray auto ...`` (every ``sweep`` flag is accepted) with the cluster
-address taken from the job's environment: each pending cell becomes one Ray Train run of ``--workers``
-workers, which also measure its flatness. ``--out`` must be a directory every node sees; re-submitting
-resumes the grid, and the report is written to ``OUT/report``.
+address taken from the job's environment: each pending cell becomes one Ray Tune trial, a Ray Train run
+of ``--workers`` workers, which also measure its flatness. ``--out`` must be a directory every node
+sees; re-submitting trains only the unfinished runs, and the report is written to ``OUT/report``.
 """
 
 import sys

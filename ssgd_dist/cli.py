@@ -12,7 +12,8 @@ import os
 import sys
 from pathlib import Path
 
-from .config import load_config
+from . import __version__
+from .config import load_config, packaged_names
 from .errors import EXPECTED, ConfigError, explain
 from .launchers.torchrun import run_torchrun
 
@@ -46,37 +47,59 @@ def cmd_train(args: argparse.Namespace) -> int:
     return 0
 
 
+# The quickstart's sharpness columns: the measures of ``ssgd-dist flatness`` with fewer draws and probes,
+# no landscapes and no per-run figures (the report draws both runs): seconds instead of over a minute.
+QUICK_FLATNESS = {"draws": 4, "power_iters": 20, "hutchinson": 10, "landscape_1d": 0, "landscape_2d": 0}
+QUICKSTART_METHODS = ("sgd", "ssgd")
+
+
 def cmd_quickstart(args: argparse.Namespace) -> int:
-    """SGD vs S-SGD at batch 2000 on MNIST-1D, 2 CPU workers each, then a table and a report."""
+    """SGD vs S-SGD at batch 2000 on MNIST-1D: one torchrun launch trains both runs (the ranks start and
+    import torch once, not once per run), then this process measures their sharpness, prints the table
+    and writes the report."""
+    if "WORLD_SIZE" in os.environ:
+        return _quickstart_on_each_rank(args)
     from .analysis.report import comparison_table, summarize_run, write_report
 
     base = Path(args.run_dir)
     load_config("quickstart", args.set)  # fail fast, before launching workers
-    runs = []
-    for method in ("sgd", "ssgd"):
-        run_dir = base / method
-        print(f"== {method}: {args.workers} workers, run dir {run_dir}", flush=True)
-        rc = run_torchrun(
-            args.workers,
-            [
-                "train",
-                "--config",
-                "quickstart",
-                "--set",
-                f"method={method}",
-                *sum((["--set", s] for s in args.set), []),
-                "--run-dir",
-                str(run_dir),
-            ],
-        )
-        if rc != 0:
-            print(f"ssgd-dist: the {method} run failed with exit code {rc}", file=sys.stderr)
-            return rc
-        runs.append(run_dir)
+    forward = ["quickstart", "--run-dir", str(base), *sum((["--set", s] for s in args.set), [])]
+    rc = run_torchrun(args.workers, forward)
+    if rc != 0:
+        print(f"ssgd-dist: the quickstart runs failed with exit code {rc}", file=sys.stderr)
+        return rc
+    runs = [base / method for method in QUICKSTART_METHODS]
+    if args.flatness:
+        from .analysis.flatness_run import measure_run
+        from .config import FlatnessOptions
+
+        for run_dir in runs:
+            measure_run(run_dir, FlatnessOptions.from_dict(QUICK_FLATNESS), figures=False)
     report = write_report(runs, base / "report")
     print()
     print(comparison_table([summarize_run(r) for r in runs]))
     print(f"\nreport: {report}")
+    return 0
+
+
+def _quickstart_on_each_rank(args: argparse.Namespace) -> int:
+    """Under torchrun: the runs one after the other on one process group (``train`` joins it, and leaves
+    it to its owner here)."""
+    from . import distributed
+    from .train import train
+
+    configs = [load_config("quickstart", [f"method={method}", *args.set]) for method in QUICKSTART_METHODS]
+    ctx = distributed.setup(configs[0].device)
+    try:
+        for method, cfg in zip(QUICKSTART_METHODS, configs):
+            run_dir = Path(args.run_dir) / method
+            if ctx.is_main:
+                print(f"== {method}: {ctx.world_size} workers, run dir {run_dir}", flush=True)
+            summary = train(cfg, run_dir)
+            if ctx.is_main:
+                print(f"ssgd-dist: done at step {summary['step']}: test_acc={summary['test_acc']:.4f}", flush=True)
+    finally:
+        distributed.teardown(ctx)
     return 0
 
 
@@ -91,8 +114,16 @@ def cmd_report(args: argparse.Namespace) -> int:
     runs = collect_run_dirs(args.runs)
     if not runs:
         raise ConfigError(f"report: no run directory (with a config.yaml) in {', '.join(args.runs)}")
-    print(write_report(runs, Path(args.out), title=args.title, radius=args.radius))
+    out = Path(args.out) if args.out else default_report_dir(args.runs)
+    print(f"report: {write_report(runs, out, title=args.title, radius=args.radius, reference=args.reference)}")
     return 0
+
+
+def default_report_dir(paths: list[str]) -> Path:
+    """``DIR/report`` for one directory; for several, ``report`` in the deepest folder holding them all."""
+    resolved = [Path(p).resolve() for p in paths]
+    common = Path(os.path.commonpath(resolved)) if len(resolved) > 1 else resolved[0]
+    return Path(os.path.relpath(common / "report")) if common.is_relative_to(Path.cwd()) else common / "report"
 
 
 def _csv(kind):
@@ -174,29 +205,46 @@ def cmd_flatness(args: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ssgd-dist", description="Distributed large-batch training with S-SGD")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     # The `deepspeed` launcher inserts --local_rank=N right after the program; ranks come from the environment.
     parser.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = parser.add_subparsers(dest="command", required=True)
 
+    configs = ", ".join(packaged_names())
     p = sub.add_parser("train", help="train one run (DDP under torchrun when WORLD_SIZE > 1)")
-    p.add_argument("--config", required=True, help="packaged config name or YAML path")
+    p.add_argument("--config", required=True, help=f"a packaged config ({configs}) or the path of a YAML file")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key (repeatable)")
     p.add_argument("--run-dir", help="run directory (default runs/<config>-<method>-s<seed>); reused to resume")
     p.add_argument("--local_rank", "--local-rank", type=int, default=argparse.SUPPRESS, help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_train)
 
     p = sub.add_parser("quickstart", help="SGD vs S-SGD at a large batch on MNIST-1D, 2 CPU workers")
-    p.add_argument("--run-dir", default="runs/quickstart")
-    p.add_argument("--workers", type=int, default=2)
-    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    p.add_argument(
+        "--run-dir",
+        default="runs/quickstart",
+        help="holds the runs (sgd/, ssgd/) and report/ (default runs/quickstart); rerun with it to resume",
+    )
+    p.add_argument("--workers", type=int, default=2, help="ranks per run, launched with torchrun (default 2)")
+    p.add_argument(
+        "--set", action="append", default=[], metavar="KEY=VALUE", help="override a key of the quickstart config"
+    )
+    p.add_argument(
+        "--no-flatness",
+        dest="flatness",
+        action="store_false",
+        help="skip the quick sharpness measurement (the table's last three columns)",
+    )
     p.set_defaults(func=cmd_quickstart)
 
     p = sub.add_parser("report", help="comparison table and plots from run directories")
     p.add_argument("runs", nargs="+", help="run directories, or folders holding them (a sweep's output directory)")
-    p.add_argument("--out", required=True)
+    p.add_argument("--out", help="output directory (default: RUN_DIR/report; for several, report/ beside them)")
     p.add_argument("--title", help="report heading")
     p.add_argument(
         "--radius", type=float, help="perturbation radius of the table's sharpness column (default: median measured)"
+    )
+    p.add_argument(
+        "--reference", help="method label the paired gains are taken against (default: SGD's), e.g. ssgd-halves"
     )
     p.set_defaults(func=cmd_report)
 
@@ -215,14 +263,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--ray",
         metavar="ADDRESS",
-        help="run the cells as concurrent Ray Train jobs: 'auto', 'local' or ray://HOST:10001",
+        help="run the cells as Ray Tune trials, each a Ray Train run: 'auto', 'local' or ray://HOST:10001",
     )
     p.add_argument("--max-concurrent", type=int, help="with --ray: runs at once (default: cluster CPUs / workers)")
     p.add_argument("--use-gpu", action="store_true", help="with --ray: one GPU per worker")
     p.add_argument("--storage-path", help="with --ray: Ray Train storage (shared FS or s3://...; default OUT/.ray)")
     p.add_argument("--max-failures", type=int, default=1, help="with --ray: worker-group restarts per run")
     p.add_argument("--no-flatness", action="store_true", help="do not measure sharpness after each run")
-    p.add_argument("--no-report", action="store_true")
+    p.add_argument("--no-report", action="store_true", help="do not write the report at the end")
     p.add_argument("--dry-run", action="store_true", help="list the runs and their state, run nothing")
     p.set_defaults(func=cmd_sweep)
 
@@ -232,15 +280,23 @@ def build_parser() -> argparse.ArgumentParser:
     # No defaults here: a flag left out stays None, and FlatnessOptions holds every default.
     from .config import FlatnessOptions
 
-    p.add_argument("run_dir")
+    p.add_argument("run_dir", help="a run directory (what train --run-dir names)")
     p.add_argument("--checkpoint", help="a checkpoint file (default: the run's latest)")
     p.add_argument("--out", help="output directory (default RUN_DIR/flatness)")
     p.add_argument("--samples", type=int, help="training examples used (0: all), sharded over ranks")
-    p.add_argument("--batch-size", type=int)
+    p.add_argument("--batch-size", type=int, help="evaluation chunk per rank")
     p.add_argument("--radii", type=_csv(float), help="relative radii, comma-separated")
     p.add_argument("--draws", type=int, help="random +-n pairs per radius")
-    p.add_argument("--distribution", choices=FlatnessOptions.model_fields["distribution"].annotation.__args__)
-    p.add_argument("--targets", choices=FlatnessOptions.model_fields["targets"].annotation.__args__)
+    p.add_argument(
+        "--distribution",
+        choices=FlatnessOptions.model_fields["distribution"].annotation.__args__,
+        help="of the perturbation direction (default sphere)",
+    )
+    p.add_argument(
+        "--targets",
+        choices=FlatnessOptions.model_fields["targets"].annotation.__args__,
+        help="perturbed tensors: weights (ndim >= 2) or all (default weights)",
+    )
     p.add_argument("--power-iters", type=int, help="power-iteration steps for the top eigenvalue (0: skip)")
     p.add_argument("--hutchinson", type=int, help="Rademacher probes for the trace (0: skip)")
     p.add_argument("--landscape-1d", type=int, help="points of the 1-D landscape (0: skip)")
@@ -265,14 +321,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-size", type=int, help=bench_help("batch_size"))
     p.add_argument("--world-size", type=int, help=bench_help("world_size"))
     p.add_argument("--accumulation-steps", type=int, help=bench_help("accumulation_steps"))
+    p.add_argument("--backend", choices=["ddp", "fsdp"], help=bench_help("backend", show_default=True))
     p.add_argument("--steps", type=int, help=bench_help("steps"))
     p.add_argument("--warmup", type=int, help=bench_help("warmup"))
     p.add_argument("--burst", type=int, help=bench_help("burst"))
-    p.add_argument("--device", choices=BenchOptions.model_fields["device"].annotation.__args__)
-    p.add_argument("--precision", choices=BenchOptions.model_fields["precision"].annotation.__args__)
+    p.add_argument(
+        "--device", choices=BenchOptions.model_fields["device"].annotation.__args__, help=bench_help("device", True)
+    )
+    p.add_argument(
+        "--precision",
+        choices=BenchOptions.model_fields["precision"].annotation.__args__,
+        help=bench_help("precision", True),
+    )
     p.add_argument("--threads", type=int, help=bench_help("threads"))
     p.add_argument("--variants", type=_csv(str), help=bench_help("variants"))
-    p.add_argument("--seed", type=int)
+    p.add_argument("--seed", type=int, help=bench_help("seed"))
     p.add_argument("--no-memory", dest="memory", action="store_false", default=None, help="skip the memory measurement")
     p.add_argument("--json", dest="json_path", metavar="PATH", help=bench_help("json_path"))
     p.add_argument("--project", action="store_true", default=None, help=bench_help("project"))

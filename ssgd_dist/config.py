@@ -23,7 +23,7 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
 
-from . import safe_yaml
+from . import safe_yaml, usercode
 from .errors import ConfigError
 from .safe_yaml import clip, shown
 
@@ -118,8 +118,56 @@ class SAMConfig(_Section):
     rho: float = Field(0.05, ge=0, description="radius of SAM's adversarial perturbation")
 
 
+class NSOConfig(_Section):
+    """Noise stability optimization (Zhang, Li, Ju): Gaussian noise from ``noise.alpha`` / ``scale`` / ``targets``."""
+
+    num_samples: int = Field(1, ge=1, le=64, description="noise samples k per step, each evaluated at w+n and w-n")
+    clean_pass: bool = Field(False, description="also take the gradient at w (NSO's nso_lam > 0)")
+    clean_weight: float = Field(
+        0.5, gt=0, lt=1, description="clean_pass: weight of the gradient at w; the 2k noisy ones share the rest"
+    )
+
+
+class RWPConfig(_Section):
+    """Random weight perturbation (Li et al.): filter-wise Gaussian noise, std gamma * ||filter||."""
+
+    gamma: float = Field(0.01, ge=0, description="noise std relative to each output filter's L2 norm")
+    mix: float = Field(0.5, ge=0, le=1, description="weight of the perturbed gradient (RWP's --alpha)")
+    split: Literal["passes", "ranks"] = Field(
+        "passes",
+        description="passes: a clean and a perturbed pass on the two halves of the global batch (world-size "
+        "invariant); ranks: the original form, even ranks clean, odd ranks perturbed (even world size)",
+    )
+
+
+MODEL_NAMES = ("mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "vgg16_bn", "wrn16_4")
+DATA_NAMES = ("mnist1d", "digits", "synthetic", "cifar10", "cifar100", "imagefolder")
+LOSS_NAMES = ("cross_entropy",)
+
+
+def _builtin_or_import(key: str, builtins: tuple[str, ...]) -> Callable[[str], str]:
+    """A validator for a ``*.name``: a built-in name, or an import path, resolved right here so that one that
+    does not resolve fails while the config is read, before any process starts (docs/own-model-and-data.md)."""
+
+    def check(value: str) -> str:
+        if value in builtins:
+            return value
+        if usercode.is_import_path(value):
+            usercode.resolve(value, key)
+            return value
+        hint = difflib.get_close_matches(value, builtins, n=1)
+        raise PydanticCustomError(
+            "name",
+            f"Input should be one of {', '.join(builtins)}, or an import path package.module:attribute"
+            + (f" (did you mean '{hint[0]}'?)" if hint else ""),
+        )
+
+    return check
+
+
 class ModelConfig(_Section):
-    name: Literal["mlp", "cnn1d", "resnet20", "resnet32", "resnet56", "vgg16_bn", "wrn16_4"] = "mlp"
+    name: str = Field("mlp", description=f"one of {', '.join(MODEL_NAMES)}, or package.module:factory")
+    options: dict[str, Any] = Field(default_factory=dict, description="free-form, for a model factory of your own")
     hidden: list[Annotated[int, Field(ge=1, le=65536)]] = Field(
         default_factory=lambda: [256, 256], max_length=64, description="MLP hidden widths (each 1..65536, at most 64)"
     )
@@ -133,6 +181,8 @@ class ModelConfig(_Section):
         "sync and ghost make a BatchNorm model world-size invariant (docs/methods.md)",
     )
     bn_ghost_batch: int | None = Field(None, ge=2, description="bn_mode ghost: samples per ghost batch")
+
+    _check_name = field_validator("name")(_builtin_or_import("model.name", MODEL_NAMES))
 
     @model_validator(mode="after")
     def _check_ghost(self) -> ModelConfig:
@@ -149,7 +199,10 @@ class ModelConfig(_Section):
 
 
 class DataConfig(_Section):
-    name: Literal["mnist1d", "digits", "synthetic", "cifar10", "cifar100"] = "mnist1d"
+    name: str = Field("mnist1d", description=f"one of {', '.join(DATA_NAMES)}, or package.module:factory")
+    options: dict[str, Any] = Field(
+        default_factory=dict, description="free-form, for imagefolder or a data factory of your own"
+    )
     batch_size: int = Field(2000, ge=1, description="global batch size, summed over all ranks")
     train_samples: int | None = Field(None, ge=1, description="use only the first N training examples")
     num_samples: int = Field(
@@ -161,6 +214,7 @@ class DataConfig(_Section):
     eval_batch_size: int = Field(1000, ge=1)
 
     _check_paths = field_validator("root", "cache_dir")(_path)
+    _check_name = field_validator("name")(_builtin_or_import("data.name", DATA_NAMES))
 
 
 class OptimConfig(_Section):
@@ -187,6 +241,9 @@ class OptimConfig(_Section):
 
 class TrainConfig(_Section):
     epochs: int = Field(10, ge=1)
+    loss: str = Field(
+        "cross_entropy", description="cross_entropy, or package.module:function (outputs, labels) -> mean loss"
+    )
     accumulation_steps: int = Field(
         1, ge=1, description="micro-steps per optimizer step: each rank's share of the global batch in k pieces"
     )
@@ -215,6 +272,8 @@ class TrainConfig(_Section):
         None, ge=1, description="testing only: rank 0's inputs are NaN at this step (exercises on_nonfinite)"
     )
 
+    _check_loss = field_validator("loss")(_builtin_or_import("train.loss", LOSS_NAMES))
+
 
 class DeepSpeedConfig(_Section):
     zero_stage: int = Field(0, ge=0, le=3)
@@ -222,19 +281,30 @@ class DeepSpeedConfig(_Section):
     extra: dict[str, Any] = Field(default_factory=dict, description="merged into the DeepSpeed config")
 
 
+class FSDPConfig(_Section):
+    wrap: list[str] = Field(
+        default_factory=list,
+        description="class names of the modules sharded as one unit each (their parameters are gathered together); "
+        "empty: every direct child of the model that holds parameters. The root is always sharded last.",
+    )
+
+
 class Config(_Section):
-    method: Literal["sgd", "ssgd", "gni", "smoothout", "sam"] = "ssgd"
+    method: Literal["sgd", "ssgd", "gni", "smoothout", "sam", "nso", "rwp"] = "ssgd"
     seed: int = Field(0, ge=0, lt=INT64_LIMIT, description="0 <= seed < 2**63 (torch takes seed + a stream offset)")
-    backend: Literal["auto", "local", "ddp", "deepspeed"] = "auto"
+    backend: Literal["auto", "local", "ddp", "deepspeed", "fsdp"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"
     noise: NoiseConfig = Field(default_factory=NoiseConfig)
     ssgd: SSGDConfig = Field(default_factory=SSGDConfig)
     sam: SAMConfig = Field(default_factory=SAMConfig)
+    nso: NSOConfig = Field(default_factory=NSOConfig)
+    rwp: RWPConfig = Field(default_factory=RWPConfig)
     model: ModelConfig = Field(default_factory=ModelConfig)
     data: DataConfig = Field(default_factory=DataConfig)
     optim: OptimConfig = Field(default_factory=OptimConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     deepspeed: DeepSpeedConfig = Field(default_factory=DeepSpeedConfig)
+    fsdp: FSDPConfig = Field(default_factory=FSDPConfig)
 
     @model_validator(mode="after")
     def _check_cross_field(self) -> Config:
@@ -253,6 +323,48 @@ class Config(_Section):
 
     def to_dict(self) -> dict[str, Any]:
         return self.model_dump(mode="json")
+
+    def applicable_dict(self) -> dict[str, Any]:
+        """``to_dict`` without the keys that act on nothing in this run (``inapplicable_keys``): what a run's
+        ``config.yaml`` shows, and what its identity compares."""
+        data = self.to_dict()
+        for section, *key in inapplicable_keys(self):
+            if key:
+                data[section].pop(key[0])
+            else:
+                data.pop(section)
+        return data
+
+
+def inapplicable_keys(cfg: Config) -> set[tuple[str, ...]]:
+    """Keys whose value changes nothing that ``cfg`` runs: another method's section, another backend's,
+    ``noise`` for the methods that draw none, a model or data set's keys for another one, BatchNorm keys
+    without BatchNorm, another optimizer's or schedule's keys. A factory of the user's own gets its whole
+    section (it may read any key)."""
+    model, data, optim = cfg.model, cfg.data, cfg.optim
+    keys = {(name,) for name in ("ssgd", "sam", "nso", "rwp") if cfg.method != name}
+    keys |= {(name,) for name in ("deepspeed", "fsdp") if cfg.backend != name}
+    if cfg.method in ("sgd", "sam", "rwp"):
+        keys.add(("noise",))
+    if cfg.method == "nso" and not cfg.nso.clean_pass:
+        keys.add(("nso", "clean_weight"))
+    if not usercode.is_import_path(model.name):
+        keys |= {("model", "options")}
+        keys |= {("model", "hidden")} if model.name != "mlp" else set()
+        keys |= {("model", "batchnorm")} if model.name != "cnn1d" else set()
+    if not model.has_batchnorm:
+        keys |= {("model", "bn_mode"), ("train", "bn_recalibrate"), ("train", "bn_recalibrate_samples")}
+    if not model.has_batchnorm or model.bn_mode != "ghost":
+        keys.add(("model", "bn_ghost_batch"))
+    if not usercode.is_import_path(data.name):
+        keys |= {("data", "options")} if data.name != "imagefolder" else set()
+        keys |= {("data", "num_samples"), ("data", "cache_dir")} if data.name != "mnist1d" else set()
+        keys |= {("data", "root"), ("data", "augment")} if data.name not in ("cifar10", "cifar100") else set()
+    keys |= {("optim", "betas")} if optim.name != "adamw" else {("optim", "momentum")}
+    keys |= {("optim", "trust_coefficient")} if optim.name != "lars" else set()
+    keys |= {("optim", "nesterov")} if optim.name != "sgd" else set()
+    keys |= {("optim", "milestones"), ("optim", "gamma")} if optim.schedule != "step" else set()
+    return keys
 
 
 def _packaged_folder(folder: str):
@@ -315,6 +427,9 @@ def _known_keys(model: type[BaseModel], prefix: str = "") -> list[str]:
     return keys
 
 
+FREE_FORM = ("deepspeed.extra.", "model.options.", "data.options.")  # sections whose keys are the user's
+
+
 def apply_override(data: dict[str, Any], assignment: str) -> None:
     """Apply one ``a.b=c`` override; the value is parsed as YAML (by ``safe_yaml``) so numbers, bools and
     lists work; text that is not YAML at all is taken as a string."""
@@ -325,7 +440,7 @@ def apply_override(data: dict[str, Any], assignment: str) -> None:
         raise ConfigError(f"{what}: expected KEY=VALUE, e.g. --set noise.alpha=0.3")
     known = _known_keys(Config)
     parts = key.split(".")
-    if key not in known and not (key.startswith("deepspeed.extra.") and all(parts)):
+    if key not in known and not (key.startswith(FREE_FORM) and all(parts)):
         hint = difflib.get_close_matches(key, known, n=1)
         raise ConfigError(f"{what}: unknown key {shown(key)}" + (f" (did you mean '{hint[0]}'?)" if hint else ""))
     try:
@@ -389,7 +504,7 @@ def override(data: dict[str, Any], overrides: list[str] | None = None) -> Config
 
 def dump_config(cfg: Config) -> str:
     """The resolved config as YAML that reads back the same with ``safe_yaml`` and with plain PyYAML."""
-    return safe_yaml.dump(cfg.to_dict())
+    return safe_yaml.dump(cfg.applicable_dict())
 
 
 def _flag(field: str) -> str:
@@ -406,6 +521,7 @@ class BenchOptions(BaseModel):
     batch_size: int = Field(256, description="global batch, summed over ranks")
     world_size: int = Field(2, description="ranks it spawns: gloo on CPU, NCCL on GPU")
     accumulation_steps: int = Field(1, description="micro-steps per optimizer step, in every variant")
+    backend: Literal["ddp", "fsdp"] = Field("ddp", description="every variant's backend (fsdp: sharded, FSDP2)")
     steps: int = Field(20, description="timed steps per variant, interleaved")
     warmup: int = Field(3, description="untimed steps per variant first")
     burst: int | None = Field(None, description="consecutive steps per timed sample (default 8 on CUDA, 1 on CPU)")
@@ -443,7 +559,7 @@ class BenchOptions(BaseModel):
                 f"--batch-size {self.batch_size}: S-SGD 'halves' splits every rank's batch in two, so it must be a "
                 f"multiple of 2 x {self.world_size} ranks{micro} = {2 * self.world_size * k}"
             )
-        models = ModelConfig.model_fields["name"].annotation.__args__
+        models = MODEL_NAMES
         if self.model not in models:
             raise ValueError(f"--model {self.model}: expected one of {', '.join(models)}")
         if self.bandwidth <= 0 or self.latency_us < 0:

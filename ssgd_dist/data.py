@@ -17,6 +17,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from . import imagefolder, usercode
 from .config import DataConfig
 from .errors import ConfigError, DataError
 from .seeding import Stream, generator
@@ -187,8 +188,41 @@ def load_cifar(cfg: DataConfig) -> Dataset:
     return Dataset(cfg.name, normalise(x_train), y_train, normalise(x_test), y_test, classes, augment=cfg.augment)
 
 
+def _as_tensors(part: object, what: str) -> tuple[torch.Tensor, torch.Tensor]:
+    """A pair of tensors (inputs, labels) as it is; a map-style data set read once, item by item, and
+    stacked (``default_collate``): held in memory like every data set here (docs/own-model-and-data.md)."""
+    if isinstance(part, (tuple, list)) and len(part) == 2 and all(isinstance(t, torch.Tensor) for t in part):
+        x, y = part
+    elif hasattr(part, "__len__") and hasattr(part, "__getitem__") and len(part) > 0:
+        x, y = torch.utils.data.default_collate([part[i] for i in range(len(part))])
+    else:
+        raise DataError(
+            f"{what}: a {type(part).__name__}; expected a pair of tensors (inputs, labels) or a non-empty map-style "
+            "data set (__len__, __getitem__ returning (input, label))"
+        )
+    if len(x) != len(y):
+        raise DataError(f"{what}: {len(x)} inputs but {len(y)} labels")
+    return (x.float() if x.is_floating_point() else x), y
+
+
+def from_factory(name: str, result: object) -> Dataset:
+    """The (train, test) a data factory returned, as tensors; the class count from integer labels."""
+    what = f"data.name = '{name}': the factory's"
+    if not isinstance(result, (tuple, list)) or len(result) != 2:
+        raise DataError(f"{what} result is a {type(result).__name__}; expected a pair (train, test)")
+    x_train, y_train = _as_tensors(result[0], f"{what} train")
+    x_test, y_test = _as_tensors(result[1], f"{what} test")
+    labels = torch.cat([y_train.reshape(len(y_train), -1), y_test.reshape(len(y_test), -1)])
+    classes = int(labels.max()) + 1 if not labels.is_floating_point() else labels.shape[1]
+    return Dataset(name, x_train, y_train, x_test, y_test, num_classes=classes)
+
+
 def load_dataset(cfg: DataConfig) -> Dataset:
-    if cfg.name == "mnist1d":
+    if usercode.is_import_path(cfg.name):
+        ds = from_factory(cfg.name, usercode.resolve(cfg.name, "data.name")(cfg))
+    elif cfg.name == "imagefolder":
+        ds = from_factory(cfg.name, imagefolder.load(cfg))
+    elif cfg.name == "mnist1d":
         ds = load_mnist1d(cfg)
     elif cfg.name == "digits":
         ds = load_digits()

@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import Config
 from .errors import ConfigError
-from .noise import Perturber, alpha_at, select_targets
+from .noise import Perturber, alpha_at, held, noise_generator, select_targets, unit_for
 
 Part = Literal["all", "even", "odd"]
 
@@ -39,6 +39,18 @@ class Method:
     # Whether a pass reads this rank's gradient before it is synchronised (SAM's ascent direction):
     # a backend that moves gradients into its own buffers cannot run such a method.
     needs_local_gradient = False
+
+    @classmethod
+    def weights_differ_by_rank(cls, cfg: Config) -> bool:
+        """Whether ranks forward at different weights in the same pass: a backend whose ranks gather one shared
+        set of weights (FSDP) cannot run that."""
+        return False
+
+    @classmethod
+    def rank_dependence(cls, cfg: Config) -> str | None:
+        """Why the trajectory under ``cfg`` depends on the number of ranks (None: it does not), for launches
+        that change it mid-run (elastic)."""
+        return None
 
     def __init__(self, cfg: Config, model: nn.Module, rank: int = 0, world_size: int = 1, total_steps: int = 1):
         self.cfg = cfg
@@ -115,6 +127,16 @@ class SSGD(Method):
         return [Pass("all", 1.0)]
 
     @classmethod
+    def weights_differ_by_rank(cls, cfg: Config) -> bool:
+        return cfg.ssgd.batch_split == "paired"
+
+    @classmethod
+    def rank_dependence(cls, cfg: Config) -> str | None:
+        if cfg.ssgd.batch_split == "paired":
+            return "ssgd.batch_split = paired pairs the ranks (each pair is one perturbation); use halves or full"
+        return None
+
+    @classmethod
     def check_launch(cls, cfg: Config, world_size: int) -> None:
         if cfg.ssgd.batch_split == "paired" and (world_size < 2 or world_size % 2):
             raise ConfigError(
@@ -162,6 +184,10 @@ class SAM(Method):
         self.perturber = Perturber([p for p in model.parameters() if p.requires_grad])
 
     @classmethod
+    def rank_dependence(cls, cfg: Config) -> str | None:
+        return "sam ascends along each rank's own gradient (m-sharpness), so the ranks are part of the method"
+
+    @classmethod
     def plan(cls, cfg: Config) -> list[Pass]:
         return [Pass("all", 1.0), Pass("all", 1.0, update_bn=False)]
 
@@ -178,7 +204,113 @@ class SAM(Method):
             p.grad = None  # the first pass only chose the direction; the step uses the second gradient
 
 
-METHODS: dict[str, type[Method]] = {m.name: m for m in (SGD, SSGD, GNI, SmoothOut, SAM)}
+class NSO(Method):
+    """Noise stability optimization (Zhang, Li, Ju): k Gaussian samples n_j, the gradients at w+n_j and w-n_j
+    averaged, optionally mixed with the gradient at w. S-SGD without the fixed magnitude."""
+
+    name = "nso"
+    distribution = "gaussian"
+
+    @classmethod
+    def plan(cls, cfg: Config) -> list[Pass]:
+        nso = cfg.nso
+        clean = [Pass("all", nso.clean_weight)] if nso.clean_pass else []
+        weight = (1.0 - nso.clean_weight if nso.clean_pass else 1.0) / (2 * nso.num_samples)
+        # Every pass sees the whole batch: the running statistics count it once (the first pass).
+        noisy = [Pass("all", weight, update_bn=not nso.clean_pass and i == 0) for i in range(2 * nso.num_samples)]
+        return clean + noisy
+
+    def before_pass(self, index: int, step: int) -> None:
+        index -= int(self.cfg.nso.clean_pass)  # the clean pass runs at w
+        if index < 0:
+            return
+        if index % 2:
+            self.perturber.reflect()
+            return
+        self.perturber.restore()  # sample j starts from w, not from the previous sample's w - n
+        n = self.cfg.noise
+        self.perturber.perturb(self.cfg.seed, step, self.distribution, n.scale, self.alpha(step), sample=index // 2)
+
+
+class RWP(Method):
+    """Random weight perturbation (Li et al.): (1 - mix) grad L(w) + mix grad L(w + n), n filter-wise Gaussian
+    with std ``gamma`` times each output filter's L2 norm (a 1-D tensor: its own norm), on every trainable tensor.
+
+    ``split: passes`` takes the clean gradient on the even positions of the global batch and the perturbed
+    one on the odd positions (the compute of SGD, the same on any number of ranks); ``split: ranks`` is the
+    original form, even ranks clean and odd ranks perturbed, each on its whole local batch.
+    """
+
+    name = "rwp"
+
+    def __init__(self, cfg: Config, model: nn.Module, rank: int = 0, world_size: int = 1, total_steps: int = 1):
+        super().__init__(cfg, model, rank, world_size, total_steps)
+        # Like the original, RWP perturbs every trainable tensor, whatever noise.targets says; its noise is
+        # not one noise.scale rule, so it is added as deltas onto a copy.
+        self.perturber = Perturber([p for p in model.parameters() if p.requires_grad])
+        self.ranks = cfg.rwp.split == "ranks"
+
+    @classmethod
+    def plan(cls, cfg: Config) -> list[Pass]:
+        mix = cfg.rwp.mix
+        if cfg.rwp.split == "ranks":  # the weight is the rank's (see passes); the mean over ranks mixes them
+            return [Pass("all", 1.0)]
+        return [Pass("even", 1.0 - mix), Pass("odd", mix, update_bn=False)]
+
+    @classmethod
+    def weights_differ_by_rank(cls, cfg: Config) -> bool:
+        return cfg.rwp.split == "ranks"
+
+    @classmethod
+    def rank_dependence(cls, cfg: Config) -> str | None:
+        if cfg.rwp.split == "ranks":
+            return "rwp.split = ranks gives the clean and perturbed gradients to different ranks; use rwp.split=passes"
+        return None
+
+    @classmethod
+    def check_launch(cls, cfg: Config, world_size: int) -> None:
+        if cfg.rwp.split == "ranks" and (world_size < 2 or world_size % 2):
+            raise ConfigError(
+                f"rwp.split = ranks: needs an even number of ranks (clean on even ranks, perturbed on odd), "
+                f"got {world_size}; use rwp.split=passes or launch an even number of ranks"
+            )
+        super().check_launch(cfg, world_size)
+
+    def passes(self) -> list[Pass]:
+        if not self.ranks:
+            return self.plan(self.cfg)
+        # Half the ranks of each kind: 2 (1 - mix) and 2 mix average to the mixing weights.
+        return [Pass("all", 2 * (self.cfg.rwp.mix if self.perturbed else 1.0 - self.cfg.rwp.mix))]
+
+    @property
+    def perturbed(self) -> bool:
+        return self.rank % 2 == 1
+
+    def before_pass(self, index: int, step: int) -> None:
+        if (self.perturbed if self.ranks else index == 1) and self.perturber.params:
+            self.perturber.save()
+            self.perturber.add(filter_noise(self.perturber.params, self.cfg.rwp.gamma, self.cfg.seed, step))
+
+
+def filter_noise(params: list[torch.Tensor], gamma: float, seed: int, step: int):
+    """RWP's noise for the elements this rank holds, one tensor at a time: N(0, 1) from the step's noise
+    stream, times gamma * ||filter||_2 (a 1-D tensor is one filter). Under sharding a filter (a row) is
+    whole on one rank; a sharded 1-D tensor's norm sums its shards' squares."""
+    targets = [held(p) for p in params]
+    gen = noise_generator(seed, step, targets[0].local.device)
+    for h in targets:
+        w = h.local.detach()
+        if w.ndim > 1 or h.rows is None:
+            flat = w.float().flatten(1) if w.ndim > 1 else w.float().view(1, -1)
+            norm = torch.linalg.vector_norm(flat, dim=1).to(w.dtype).view(-1, *([1] * (w.ndim - 1)))
+        else:
+            squares = w.float().square().sum()
+            torch.distributed.all_reduce(squares, group=h.group)
+            norm = squares.sqrt().to(w.dtype)
+        yield unit_for(h, "gaussian", gen).mul_(norm * gamma)
+
+
+METHODS: dict[str, type[Method]] = {m.name: m for m in (SGD, SSGD, GNI, SmoothOut, SAM, NSO, RWP)}
 
 
 def method_class(cfg: Config) -> type[Method]:

@@ -1,4 +1,9 @@
-"""Per-step metrics: ``metrics.jsonl`` always, TensorBoard events when tensorboard is installed."""
+"""Per-step metrics: ``metrics.jsonl`` always, TensorBoard events when tensorboard is installed.
+
+Records arrive a window at a time (``train.log_every`` steps): the window is one write and flush of the
+file and one TensorBoard event per step (not one per scalar), so that logging stays a small share of
+a small model's step.
+"""
 
 from __future__ import annotations
 
@@ -17,15 +22,17 @@ class MetricsWriter:
     def __init__(self, run_dir: Path, resume_step: int = 0):
         self.path = Path(run_dir) / "metrics.jsonl"
         self._truncate_after(resume_step)
-        self._file = open(self.path, "a", buffering=1)
+        self._file = open(self.path, "a")
         self._tb = None
         try:
+            from tensorboard.compat.proto.summary_pb2 import Summary
             from torch.utils.tensorboard import SummaryWriter
 
             self._tb = SummaryWriter(
                 str(Path(run_dir) / "tensorboard"), purge_step=resume_step + 1 if resume_step else None
             )
-        except ImportError:  # tensorboard is optional (the dev extra installs it)
+            self._summary = Summary
+        except ImportError:  # an install without tensorboard still writes metrics.jsonl
             pass
 
     def _truncate_after(self, step: int) -> None:
@@ -36,17 +43,23 @@ class MetricsWriter:
         if kept != text:
             atomic_write_text(self.path, kept)
 
-    def write(self, record: dict[str, Any]) -> None:
-        line = json.dumps(record) + "\n"
+    def write(self, records: list[dict[str, Any]]) -> None:
+        """A window of records: in the file (flushed) when this returns, then in TensorBoard."""
+        text = "".join(json.dumps(record) + "\n" for record in records)
         try:
-            self._file.write(line)
+            self._file.write(text)
+            self._file.flush()
         except OSError as exc:
-            raise_if_disk_full(exc, self.path, len(line))
+            raise_if_disk_full(exc, self.path, len(text))
             raise
         if self._tb is not None:
-            for key, value in scalars(record).items():
-                if key != "step":
-                    self._tb.add_scalar(key, value, record["step"])
+            for record in records:
+                values = [
+                    self._summary.Value(tag=key, simple_value=value)
+                    for key, value in scalars(record).items()
+                    if key != "step"
+                ]
+                self._tb.file_writer.add_summary(self._summary(value=values), record["step"])
 
     def close(self) -> None:
         self._file.close()

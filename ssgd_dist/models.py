@@ -1,11 +1,14 @@
-"""Models of the paper's comparison: small ones for CPU, the CIFAR classics for GPUs."""
+"""Models of the paper's comparison (small ones for CPU, the CIFAR classics for GPUs), a user's own, and the loss."""
 
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 
+import torch
 from torch import nn
 
+from . import usercode
 from .config import ModelConfig
 from .errors import ConfigError
 
@@ -113,7 +116,20 @@ def vgg16_bn(num_classes: int, in_channels: int = 3) -> nn.Module:
     return nn.Sequential(*layers)
 
 
+def build_loss(name: str) -> Callable[[torch.Tensor, torch.Tensor], torch.Tensor]:
+    """``train.loss``: cross-entropy, or a function of the user's, (outputs, labels) -> mean loss."""
+    return nn.functional.cross_entropy if name == "cross_entropy" else usercode.resolve(name, "train.loss")
+
+
 def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int) -> nn.Module:
+    """A packaged model for this data's shape and classes, or the one a factory of the user's returns."""
+    if usercode.is_import_path(cfg.name):
+        model = usercode.resolve(cfg.name, "model.name")(cfg)
+        if not isinstance(model, nn.Module):
+            raise ConfigError(
+                f"model.name = '{cfg.name}': the factory returned a {type(model).__name__}, not an nn.Module"
+            )
+        return model
     image = len(input_shape) == 3
     if cfg.name == "mlp":
         return mlp(math.prod(input_shape), cfg.hidden, num_classes)

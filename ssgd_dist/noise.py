@@ -8,17 +8,27 @@ global RNG, which data loading and dropout consume differently on each rank.
 from __future__ import annotations
 
 import math
+import sys
 from collections.abc import Iterable, Iterator
+from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
 from torch import nn
 
-from .seeding import Stream, generator
+from .seeding import Stream, step_seed, stream_seed
 
 
-def noise_generator(seed: int, step: int, device: torch.device | str) -> torch.Generator:
-    """The noise of optimizer ``step``: the same on every rank, drawn on the weights' device."""
-    return generator(Stream.NOISE, seed, step, device)
+def noise_generator(seed: int, step: int, device: torch.device | str, sample: int = 0) -> torch.Generator:
+    """The noise of optimizer ``step``: the same on every rank, drawn on the weights' device.
+
+    ``sample`` numbers independent draws within one step (methods that average several noise samples);
+    sample 0 is the stream every single-sample method has always used.
+    """
+    seed_of_step = stream_seed(Stream.NOISE, seed, step)
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed_of_step if sample == 0 else step_seed(seed_of_step, sample))
+    return gen
 
 
 def select_targets(model: nn.Module, targets: str) -> list[nn.Parameter]:
@@ -65,34 +75,6 @@ def sample_unit_(ts: list[torch.Tensor], distribution: str, gen: torch.Generator
             t.uniform_(-_SQRT3, _SQRT3, generator=gen)
     else:
         raise ValueError(f"noise.distribution = {distribution!r}: expected rademacher, sphere, gaussian or uniform")
-
-
-def batched_signs(ws: list[torch.Tensor], distribution: str) -> bool:
-    """Rademacher noise on an accelerator: draw all signs at once (``rademacher_signs``) and apply each
-    tensor's in one fused kernel, because there the cost is kernel launches (about 9 us each on an
-    H100 host), not arithmetic. On the CPU the per-tensor in-place path is the faster one."""
-    return distribution == "rademacher" and bool(ws) and ws[0].device.type != "cpu"
-
-
-def rademacher_signs(ws: list[torch.Tensor], gen: torch.Generator) -> list[torch.Tensor]:
-    """xi = +-1 for every tensor of ``ws`` from one draw, as int8 views shaped like them: one random
-    kernel for the whole model and a transient one byte per element (no float copy)."""
-    sizes = [w.numel() for w in ws]
-    flat = torch.empty(sum(sizes), dtype=torch.int8, device=ws[0].device).random_(0, 2, generator=gen)
-    flat.mul_(2).sub_(1)
-    return [v.view(w.shape) for v, w in zip(flat.split(sizes), ws)]
-
-
-def add_scaled_(
-    p: torch.Tensor, xi: torch.Tensor, sigma, w: torch.Tensor | None, alpha: float, coefficient: float
-) -> None:
-    """p <- p + coefficient * sigma * xi in one fused kernel; ``w`` (unperturbed) only for ``elementwise``."""
-    if sigma is None:
-        p.addcmul_(xi, w.abs(), value=coefficient * alpha)
-    elif isinstance(sigma, float):
-        p.add_(xi, alpha=coefficient * sigma)
-    else:
-        p.addcmul_(xi, sigma, value=coefficient)
 
 
 def unit_noise(
@@ -161,18 +143,10 @@ def draw_noise(
     The values are exactly those ``Perturber.perturb`` adds for the same generator.
     """
     ws = [w.detach() for w in params]
-    if not ws:
-        return
-    sigmas = noise_sigmas(ws, scale, alpha)
-    signs = rademacher_signs(ws, gen) if batched_signs(ws, distribution) else None
-    for i, (w, s) in enumerate(zip(ws, sigmas)):
-        if signs is not None:
-            n = torch.zeros_like(w)
-            add_scaled_(n, signs[i], s, w, alpha, 1.0)
-        else:
-            n = torch.empty_like(w)
-            sample_unit_([n], distribution, gen)
-            scale_noise_([n], [w], [s], alpha)
+    for w, s in zip(ws, noise_sigmas(ws, scale, alpha)):
+        n = torch.empty_like(w)
+        sample_unit_([n], distribution, gen)
+        scale_noise_([n], [w], [s], alpha)
         yield n
 
 
@@ -188,16 +162,110 @@ def alpha_at(alpha: float, schedule: str, fraction: float, step: int, total_step
     raise ValueError(f"noise.schedule = {schedule!r}: expected constant, warmup or cosine")
 
 
+@dataclass(frozen=True)
+class Held:
+    """The elements of one target tensor that this rank holds: all of it, or (FSDP2) a block of its rows.
+
+    ``local`` is the tensor this rank updates in place; ``shape`` the whole tensor's; ``rows`` the
+    dim-0 rows of the whole tensor that ``local`` holds (None: ``local`` is the whole tensor).
+    """
+
+    local: torch.Tensor
+    shape: torch.Size
+    rows: slice | None = None
+    group: dist.ProcessGroup | None = None
+
+
+def _loaded_dtensor():
+    """``torch.distributed.tensor`` if something (FSDP) has imported it, else None: no DTensor can exist
+    before, and importing it costs about a second at every process start."""
+    return sys.modules.get("torch.distributed.tensor")
+
+
+def is_sharded(t: torch.Tensor) -> bool:
+    module = _loaded_dtensor()
+    return module is not None and isinstance(t, module.DTensor)
+
+
+def whole(t: torch.Tensor) -> torch.Tensor:
+    """``t`` itself, or the whole value of a distributed tensor (a collective)."""
+    return t.full_tensor() if is_sharded(t) else t
+
+
+def held(p: torch.Tensor) -> Held:
+    """What this rank holds of ``p``: FSDP2 shards dim 0 in ``torch.chunk`` blocks (the last ones may be
+    short or empty); any other distributed layout is refused rather than perturbed wrongly."""
+    if not is_sharded(p):
+        return Held(p, p.shape)
+    Shard = _loaded_dtensor().Shard
+    mesh = p.device_mesh
+    if mesh.ndim != 1 or tuple(p.placements) != (Shard(0),):
+        raise ValueError(
+            f"weight noise on a parameter laid out as {p.placements} over a {mesh.ndim}-D mesh: only dim-0 "
+            "sharding over one mesh dimension (FSDP2's fully_shard) is supported"
+        )
+    local = p.to_local()
+    rows, world, rank = p.shape[0], mesh.size(), mesh.get_local_rank()
+    start = min(rank * -(-rows // world), rows)
+    if start + local.shape[0] > rows:
+        raise ValueError(f"a shard of {tuple(local.shape)} at row {start} does not fit a tensor of {tuple(p.shape)}")
+    return Held(local, p.shape, slice(start, start + local.shape[0]), mesh.get_group())
+
+
+def unit_for(h: Held, distribution: str, gen: torch.Generator) -> torch.Tensor:
+    """A new xi for ``h``'s elements. A shard gets its rows of the whole tensor's draw: the same values an
+    unsharded run adds there, for a transient one tensor in size (torch's generators cannot skip ahead)."""
+    if h.rows is None:
+        xi = torch.empty_like(h.local)
+        sample_unit_([xi], distribution, gen)
+        return xi
+    whole = torch.empty(h.shape, dtype=h.local.dtype, device=h.local.device)
+    sample_unit_([whole], distribution, gen)
+    return whole[h.rows]
+
+
+def fill_unit_(targets: list[Held], distribution: str, gen: torch.Generator) -> None:
+    """xi into every target's held elements, in order (whole tensors in place, with batched maps)."""
+    if all(h.rows is None for h in targets):
+        sample_unit_([h.local for h in targets], distribution, gen)
+        return
+    for h in targets:
+        h.local.copy_(unit_for(h, distribution, gen))
+
+
+def held_sigmas(targets: list[Held], ws: list[torch.Tensor], rule: str, alpha: float) -> list:
+    """``noise_sigmas`` of the whole tensors, from the held elements ``ws`` (unperturbed) of each target.
+
+    Per-element and per-row rules need nothing beyond a shard (FSDP2 keeps every row whole on one rank).
+    A whole-tensor RMS (``layer_rms``; ``filter_norm`` of a 1-D tensor) sums the shards' squares: one
+    small all-reduce over the shard group.
+    """
+    sharded = [h for h in targets if h.rows is not None]
+    whole_rule = rule == "layer_rms" or (rule == "filter_norm" and any(len(h.shape) < 2 for h in targets))
+    if not sharded or not whole_rule:
+        return noise_sigmas(ws, rule, alpha)
+    if len(sharded) != len(targets) or len({id(h.group) for h in sharded}) != 1:
+        raise ValueError("weight noise over a mix of sharded and whole tensors, or over several shard groups")
+    squares = torch.stack([n.square() for n in _norms(ws)])
+    dist.all_reduce(squares, group=sharded[0].group)
+    rms = [(sq / max(1, math.prod(h.shape))).sqrt() for sq, h in zip(squares, targets)]
+    if rule == "layer_rms":
+        return [r * alpha for r in rms]
+    return [noise_scale(w, rule) * alpha if len(h.shape) >= 2 else r * alpha for w, h, r in zip(ws, targets, rms)]
+
+
 class Perturber:
     """Moves target parameters to w + delta and back to w.
 
     ``restore="copy"`` (the default) holds one backup copy and restores bit-for-bit: the backup
-    buffers are allocated once and reused, the noise is drawn straight into the parameters (on an
-    accelerator, Rademacher signs go through a transient one-byte-per-element buffer instead, see
-    ``batched_signs``), and the mirror point w - delta is computed from the backup. ``"regenerate"`` keeps
-    no copy: it remembers only how the noise was drawn (seed, step and the per-tensor sigmas) and
-    draws it again to move to the mirror point and back, one tensor at a time; w is then restored
-    to within rounding (docs/performance.md measures the drift), not bit-for-bit.
+    buffers are allocated once and reused, the noise is drawn straight into the parameters, and the
+    mirror point w - delta is computed from the backup. ``"regenerate"`` keeps no copy: it remembers
+    only how the noise was drawn (seed, step and the per-tensor sigmas) and draws it again to move to
+    the mirror point and back, one tensor at a time; w is then restored to within rounding
+    (docs/performance.md measures the drift), not bit-for-bit.
+
+    Sharded parameters (FSDP2) are handled alike on the elements this rank holds (``Held``): the
+    backup, and everything else held, is one shard.
     """
 
     def __init__(self, params: list[torch.Tensor], restore: str = "copy"):
@@ -206,55 +274,71 @@ class Perturber:
         self.params = params
         self.restore_mode = restore
         self._backup: list[torch.Tensor] | None = None
-        self._drawn: tuple | None = None  # regenerate: (seed, step, distribution, sigmas, alpha)
+        self._drawn: tuple | None = None  # regenerate: (seed, step, sample, distribution, sigmas, alpha)
         self._sign = 1.0
         self.active = False
+
+    def _held(self) -> list[Held]:
+        # Looked up at every use: FSDP2 may rebind a parameter's local shard when it (re)initialises.
+        return [held(p) for p in self.params]
+
+    def _locals(self) -> list[torch.Tensor]:
+        return [h.local for h in self._held()]
 
     def save(self) -> None:
         if self.restore_mode != "copy":
             raise RuntimeError("Perturber(restore='regenerate') keeps no copy of the weights; use perturb()")
         with torch.no_grad():  # in place on the parameters themselves: no per-call detach()
+            local = self._locals()
             if self._backup is None:
-                self._backup = [p.clone() for p in self.params]
+                self._backup = [t.clone() for t in local]
             else:
-                torch._foreach_copy_(self._backup, self.params)
+                torch._foreach_copy_(self._backup, local)
         self.active = True
 
     def add(self, deltas: Iterable[torch.Tensor], sign: float = 1.0) -> None:
-        """w <- w + sign * delta after ``save``; ``deltas`` may be a generator so each delta is freed after use."""
+        """w <- w + sign * delta after ``save``; ``deltas`` may be a generator so each delta is freed after use.
+        Each delta covers the elements this rank holds (``held``): the whole tensor unless it is sharded."""
         if self.restore_mode != "copy":
             raise RuntimeError("Perturber(restore='regenerate') can only undo noise it drew itself; use perturb()")
         with torch.no_grad():
-            for p, delta in zip(self.params, deltas, strict=True):
-                p.add_(delta, alpha=sign)
+            for h, delta in zip(self._held(), deltas, strict=True):
+                h.local.add_(delta, alpha=sign)
 
-    def perturb(self, seed: int, step: int, distribution: str, scale: str, alpha: float, sign: float = 1.0) -> None:
-        """w <- w + sign * n, n drawn on the weights' device from the generator of (seed, step)."""
-        params = self.params
-        if not params:
+    def perturb(
+        self,
+        seed: int,
+        step: int,
+        distribution: str,
+        scale: str,
+        alpha: float,
+        sign: float = 1.0,
+        sample: int = 0,
+    ) -> None:
+        """w <- w + sign * n, n drawn on the weights' device from the generator of (seed, step, sample)."""
+        if not self.params:
             return
-        gen = noise_generator(seed, step, params[0].device)
         with torch.no_grad():
+            targets = self._held()
+            gen = noise_generator(seed, step, targets[0].local.device, sample)
             if self.restore_mode == "copy":
                 self.save()
                 assert self._backup is not None
-                sigmas = noise_sigmas(self._backup, scale, alpha)
-                if batched_signs(params, distribution):  # w + sigma * xi, one kernel per tensor
-                    for p, xi, s, w in zip(params, rademacher_signs(params, gen), sigmas, self._backup):
-                        add_scaled_(p, xi, s, w, alpha, sign)
-                    return
-                sample_unit_(params, distribution, gen)  # drawn straight into the parameters
-                scale_noise_(params, self._backup, sigmas, alpha)
+                local = [h.local for h in targets]
+                sigmas = held_sigmas(targets, self._backup, scale, alpha)
+                fill_unit_(targets, distribution, gen)  # xi straight into the parameters
+                scale_noise_(local, self._backup, sigmas, alpha)
                 if sign < 0:
-                    torch._foreach_neg_(params)
-                torch._foreach_add_(params, self._backup)
+                    torch._foreach_neg_(local)
+                torch._foreach_add_(local, self._backup)
                 return
             if scale == "elementwise":
                 raise ValueError(
                     "noise.restore = regenerate with noise.scale = elementwise: noise scaled by |w| cannot be "
                     "undone without a copy of w; use noise.scale=layer_rms/filter_norm/absolute or noise.restore=copy"
                 )
-            self._drawn = (seed, step, distribution, noise_sigmas(params, scale, alpha), alpha)
+            sigmas = held_sigmas(targets, [h.local for h in targets], scale, alpha)
+            self._drawn = (seed, step, sample, distribution, sigmas, alpha)
             self._sign = sign
             self._add_drawn(sign)
             self.active = True
@@ -262,19 +346,14 @@ class Perturber:
     def _add_drawn(self, coefficient: float) -> None:
         """Regenerate mode: w <- w + coefficient * n, drawing n again one tensor at a time."""
         assert self._drawn is not None
-        seed, step, distribution, sigmas, alpha = self._drawn
-        params = self.params
-        gen = noise_generator(seed, step, params[0].device)
+        seed, step, sample, distribution, sigmas, alpha = self._drawn
+        targets = self._held()
+        gen = noise_generator(seed, step, targets[0].local.device, sample)
         with torch.no_grad():
-            if batched_signs(params, distribution):  # one byte per element, no float temporary
-                for p, xi, s in zip(params, rademacher_signs(params, gen), sigmas):
-                    add_scaled_(p, xi, s, None, alpha, coefficient)
-                return
-            for p, s in zip(params, sigmas):
-                n = torch.empty_like(p)
-                sample_unit_([n], distribution, gen)
-                scale_noise_([n], [p], [s], alpha)
-                p.add_(n, alpha=coefficient)
+            for h, s in zip(targets, sigmas):
+                n = unit_for(h, distribution, gen)
+                scale_noise_([n], [h.local], [s], alpha)
+                h.local.add_(n, alpha=coefficient)
                 del n  # before the next one is allocated: one noise tensor alive at a time
 
     def reflect(self) -> None:
@@ -286,8 +365,9 @@ class Perturber:
             return
         assert self._backup is not None
         with torch.no_grad():
-            torch._foreach_mul_(self.params, -1.0)
-            torch._foreach_add_(self.params, self._backup, alpha=2.0)
+            local = self._locals()
+            torch._foreach_mul_(local, -1.0)
+            torch._foreach_add_(local, self._backup, alpha=2.0)
 
     def restore(self) -> None:
         """Copy mode: bit-for-bit the weights seen by ``save`` (a copy, never a subtraction)."""
@@ -300,5 +380,5 @@ class Perturber:
             return
         assert self._backup is not None
         with torch.no_grad():
-            torch._foreach_copy_(self.params, self._backup)
+            torch._foreach_copy_(self._locals(), self._backup)
         self.active = False

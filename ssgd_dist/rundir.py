@@ -1,10 +1,10 @@
 """The run directory belongs to one run: its identity, and the lock the live run holds.
 
 **Identity.** A run is its resolved configuration, normalised (validated, then dumped: keys added to
-the schema since count as their defaults), minus ``RESUMABLE_DIFFERENCES``, the keys that may change
-on resume because they do not change what is computed. The world size is not part of it. The same
-comparison checks ``config.yaml`` and the configuration every checkpoint stores, so a checkpoint of
-another run is never resumed.
+the schema since count as their defaults, keys that do not apply to the run are left out), minus
+``RESUMABLE_DIFFERENCES``, the keys that may change on resume because they do not change what is
+computed. The world size is not part of it. The same comparison checks ``config.yaml`` and the
+configuration every checkpoint stores, so a checkpoint of another run is never resumed.
 
 **Lock.** Rank 0 holds an exclusive ``flock`` on ``RUN_DIR/.lock`` for the life of the run. The
 kernel drops it when its holder dies, so a restarted run (torchrun restart, Ray retry, the same
@@ -49,10 +49,11 @@ LOCK_WAIT_S = 5.0  # a restarted run may start while its predecessor is still ex
 
 # -- identity -----------------------------------------------------------------------------------------
 def normalised(data: dict[str, Any]) -> dict[str, Any]:
-    """A saved configuration as this version writes it (validated, then dumped); as saved if it no
-    longer validates (then it differs from any valid one, and the differences name the keys)."""
+    """A saved configuration as this version writes it (validated, then dumped without the keys that do not
+    apply, so an older ``config.yaml`` that lists them compares equal); as saved if it no longer validates
+    (then it differs from any valid one, and the differences name the keys)."""
     try:
-        return validate(data).to_dict()
+        return validate(data).applicable_dict()
     except ConfigError:
         return data
 
@@ -79,7 +80,7 @@ def config_differences(saved: dict, current: dict, allowed: set[tuple[str, ...]]
 
 def run_differences(saved: dict[str, Any], cfg: Config) -> list[str]:
     """How a saved configuration differs from ``cfg`` as a run (both normalised alike)."""
-    return config_differences(normalised(saved), cfg.to_dict(), resumable_differences(cfg))
+    return config_differences(normalised(saved), cfg.applicable_dict(), resumable_differences(cfg))
 
 
 def check_run_dir(cfg: Config, run_dir: Path) -> None:

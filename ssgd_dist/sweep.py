@@ -1,4 +1,4 @@
-"""Grids of runs (methods x batch sizes x seeds x any config key), locally or as concurrent Ray Train jobs.
+"""Grids of runs (methods x batch sizes x seeds x any config key), locally or as Ray Tune trials.
 
 A grid file is YAML::
 
@@ -463,20 +463,21 @@ def run_ray(
     flatness: bool = True,
     log=None,
 ) -> dict[str, str]:
-    """Each pending cell becomes one Ray Train ``TorchTrainer`` (``workers`` DDP workers); up to
-    ``max_concurrent`` run at once. ``out`` must be visible to every node (a shared file system)."""
-    from concurrent.futures import ThreadPoolExecutor
-
+    """Each pending cell becomes one Ray Tune trial, a Ray Train run of ``workers`` DDP workers (the same
+    run as ``launch/ray_job.py``); up to ``max_concurrent`` at once (default: the cluster's CPUs, or GPUs
+    with ``use_gpu``, over ``workers``). Each invocation is one Tune experiment,
+    ``<storage>/sweep-<grid>-<UTC time>``, over the cells that are neither done nor diverged in ``out``:
+    re-running an interrupted sweep trains only those, partial runs resuming from their checkpoints.
+    ``out`` must be visible to every node."""
     try:
         import ray
 
-        from .launchers.ray import RunLocation, build_trainer, connect
+        from .launchers.ray import RunLocation, TuneRun, connect, run_tune
     except ImportError:
         raise ConfigError("sweep --ray: Ray Train is not installed; pip install 'ssgd-dist[ray]'") from None
 
     log = log or _print
     out = Path(out).resolve()
-    connect(None if address == "local" else address, log_to_driver=False)
     statuses: dict[str, str] = {}
     pending = []
     for cell in grid.cells:
@@ -486,40 +487,27 @@ def run_ray(
             statuses[cell.name] = status
         else:
             pending.append(cell)
+    if not pending:
+        return statuses
+    connect(None if address == "local" else address, log_to_driver=False)
     if max_concurrent is None:
-        cpus = int(ray.cluster_resources().get("CPU", 1))
-        max_concurrent = max(1, cpus // max(1, workers))
+        have = ray.cluster_resources().get("GPU" if use_gpu else "CPU", 1)
+        max_concurrent = max(1, int(have) // max(1, workers))
     storage = storage_path or str(out / ".ray")
-
-    def fit(cell: Cell) -> tuple[str, str]:
-        run_dir = out / cell.name
-        _write_info(run_dir, cell.info(grid.name))
+    trainer = {"num_workers": workers, "use_gpu": use_gpu, "max_failures": max_failures, "num_to_keep": 1}
+    runs = {}
+    for cell in pending:
+        _write_info(out / cell.name, cell.info(grid.name))
+        where = RunLocation(_slug(f"{grid.name}-{cell.name}"), storage, str(out / cell.name))
         opts = grid.flatness_for(cell) if flatness else None
-        where = RunLocation(_slug(f"{grid.name}-{cell.name}"), storage, str(run_dir))
-        trainer = build_trainer(
-            cell.cfg,
-            where,
-            num_workers=workers,
-            use_gpu=use_gpu,
-            max_failures=max_failures,
-            num_to_keep=1,
-            flatness=opts,
-            diverged_as_status=True,
-        )
-        start = time.perf_counter()
-        try:
-            result = trainer.fit()
-        except Exception as exc:  # noqa: BLE001 - one failed cell must not stop the others
-            return cell.name, f"failed ({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})"
-        value = getattr(result, "return_value", None)
-        status = value.get("status", "done") if isinstance(value, dict) else run_status(run_dir, cell.cfg)
-        log(f"{cell.name}: {status} in {time.perf_counter() - start:.1f} s")
-        return cell.name, status
-
-    log(f"sweep {grid.name}: {len(pending)} run(s) on Ray ({workers} worker(s) each, up to {max_concurrent} at once)")
-    with ThreadPoolExecutor(max_workers=max_concurrent) as pool:
-        for name, status in pool.map(fit, pending):
-            statuses[name] = status
+        runs[cell.name] = TuneRun(cell.cfg, where, {**trainer, "flatness": opts, "diverged_as_status": True})
+    log(f"sweep {grid.name}: {len(pending)} run(s) as Ray Tune trials of {workers} worker(s), {max_concurrent} at once")
+    experiment = _slug(f"sweep-{grid.name}-{time.strftime('%Y%m%d-%H%M%S', time.gmtime())}")
+    errors = run_tune(runs, storage, experiment, max_concurrent)
+    for cell in pending:
+        error = errors.get(cell.name, "not run")
+        statuses[cell.name] = run_status(out / cell.name, cell.cfg) if error is None else f"failed ({error})"
+        log(f"{cell.name}: {statuses[cell.name]}")
     return statuses
 
 

@@ -32,7 +32,8 @@ from .errors import ConfigError, NonFiniteError, Stopped
 from .files import atomic_write_text
 from .methods import build_method
 from .metrics import MetricsWriter
-from .models import build_model
+from .models import build_loss, build_model
+from .noise import held
 from .optimizers import build_optimizer, lr_at
 from .rundir import RunLock, check_run_dir, checkpoint_problem
 from .seeding import seed_initial_weights
@@ -40,6 +41,8 @@ from .signals import StopOnSignals
 
 # Called on every rank at each checkpoint: (metrics, checkpoint path on rank 0 else None).
 CheckpointHook = Callable[[dict[str, Any], "Path | None"], None]
+# Called on every rank once per written log window: (its records, whether a checkpoint follows at its last step).
+LogHook = Callable[[list[dict[str, Any]], bool], None]
 
 
 class Trainer:
@@ -64,6 +67,7 @@ class Trainer:
 
         seed_initial_weights(cfg.seed)  # identical initial weights on every rank and for every world size
         model = build_model(cfg.model, self.data.input_shape, self.data.num_classes)
+        self.loss_fn = build_loss(cfg.train.loss)
         self.model = convert_batchnorm(model, cfg.model.bn_mode, cfg.model.bn_ghost_batch).to(ctx.device)
         self.optimizer = build_optimizer(cfg.optim, self.model.parameters())
         self.backend = build_backend(cfg, self.model, self.optimizer, ctx.world_size)
@@ -143,12 +147,15 @@ class Trainer:
             self.data.y_test[self.ctx.rank :: self.ctx.world_size],
         )
         totals = torch.zeros(3, dtype=torch.float64, device=self.ctx.device)
-        for start in range(0, len(y_all), self.cfg.data.eval_batch_size):
+        # The same number of forwards on every rank (a short slice ends with empty batches): a sharded
+        # model gathers its weights collectively at every forward.
+        longest = math.ceil(len(self.data.y_test) / self.ctx.world_size)
+        for start in range(0, longest, self.cfg.data.eval_batch_size):
             x = x_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
             y = y_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
             with self.backend.autocast():
                 logits = model(self.backend.cast_input(x))
-            totals[0] += torch.nn.functional.cross_entropy(logits.float(), y, reduction="sum").double()
+            totals[0] += self.loss_fn(logits.float(), y).double() * len(y)
             totals[1] += (logits.argmax(1) == y).sum()
             totals[2] += len(y)
         distributed.all_reduce_sum(totals)
@@ -167,7 +174,7 @@ class Trainer:
         os.kill(os.getpid(), signal.SIGKILL)
 
     # -- the loop ------------------------------------------------------------------------------------
-    def fit(self, on_checkpoint: CheckpointHook | None = None) -> dict[str, Any]:
+    def fit(self, on_checkpoint: CheckpointHook | None = None, on_log: LogHook | None = None) -> dict[str, Any]:
         cfg, main = self.cfg, self.ctx.is_main
         if main:
             self.run_dir.mkdir(parents=True, exist_ok=True)
@@ -177,7 +184,7 @@ class Trainer:
         bar = tqdm(total=self.total_steps, initial=self.step, disable=not (main and cfg.train.progress), unit="step")
         record: dict[str, Any] = {}
         streak = 0  # consecutive skipped steps
-        start = time.perf_counter()
+        start, start_step = time.perf_counter(), self.step
         try:
             while self.step < self.total_steps:
                 self._maybe_crash()
@@ -187,7 +194,7 @@ class Trainer:
                 if cfg.train.nan_at_step == self.step + 1 and main:
                     x = torch.full_like(x, float("nan"))
                 self.model.train()
-                result = self.backend.train_step(self.method, x, y, self.step)
+                result = self.backend.train_step(self.method, x, y, self.step, loss_fn=self.loss_fn)
                 if result.skipped:
                     self.skipped += 1
                     streak += 1
@@ -223,7 +230,9 @@ class Trainer:
                     log.read(self.weights_finite())
                     if evaluate:
                         record.update(self.evaluate())
-                    log.write()
+                    written = log.write()
+                    if on_log is not None:
+                        on_log(written, checkpoint)
                 if evaluate:
                     bar.set_postfix(loss=f"{record['train_loss']:.3f}", acc=f"{record['test_acc']:.3f}")
                 bar.update(1)
@@ -244,13 +253,14 @@ class Trainer:
         if "test_acc" not in record:  # resumed a finished run: nothing trained, so score it now
             record = {"step": self.step, **self.evaluate()}
         final = {k: v for k, v in record.items() if k in ("step", "train_loss", "test_loss", "test_acc")}
-        return {"run_dir": str(self.run_dir), "step": self.step, **final}
+        return {"run_dir": str(self.run_dir), "step": self.step, "start_step": start_step, **final}
 
     def weights_finite(self) -> torch.Tensor:
         """One device flag: whether every floating-point tensor of the model is finite on every rank (queued,
         not read: ``StepLog.read`` reads it with the window's scalars). Ranks can differ (per-rank BatchNorm
         statistics), so the flag is all-reduced: every rank stops together."""
-        tensors = [t for t in self.backend.model.state_dict().values() if t.is_floating_point()]
+        state = self.backend.model.state_dict().values()
+        tensors = [held(t).local for t in state if t.is_floating_point()]
         bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().reshape(1)
         distributed.all_reduce_sum(bad)
         return bad[0] == 0
@@ -316,13 +326,14 @@ class StepLog:
                 hint="lower optim.lr (skipping steps cannot help here)",
             )
 
-    def write(self) -> None:
-        """Write the pending records (after ``read``)."""
-        for record, _ in self.pending:
+    def write(self) -> list[dict[str, Any]]:
+        """Write the pending records (after ``read``); returns them."""
+        written, self.pending = [record for record, _ in self.pending], []
+        if written:
             if self.writer is not None:
-                self.writer.write(record)
-            self.last = record
-        self.pending = []
+                self.writer.write(written)
+            self.last = written[-1]
+        return written
 
     def drain(self) -> None:
         """After a failure elsewhere: write what can still be read."""
@@ -359,7 +370,11 @@ def hold_run_dir(run_dir: Path, ctx: distributed.DistContext) -> RunLock | None:
 
 
 def train(
-    cfg: Config, run_dir: Path, on_checkpoint: CheckpointHook | None = None, resume_from: Path | None = None
+    cfg: Config,
+    run_dir: Path,
+    on_checkpoint: CheckpointHook | None = None,
+    resume_from: Path | None = None,
+    on_log: LogHook | None = None,
 ) -> dict[str, Any]:
     """Set up the process group (unless the launcher did), hold the run directory, train, and always release
     and tear down. SIGINT/SIGTERM raise ``Stopped`` (exit 128 + signal); the run resumes from its last
@@ -373,7 +388,7 @@ def train(
                 )  # a launch mistake is refused before the lock touches the disk
                 lock = hold_run_dir(Path(run_dir), ctx)
                 try:
-                    return Trainer(cfg, run_dir, ctx, resume_from).fit(on_checkpoint)
+                    return Trainer(cfg, run_dir, ctx, resume_from).fit(on_checkpoint, on_log)
                 finally:
                     if lock is not None:
                         lock.release()

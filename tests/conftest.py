@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import shutil
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -131,3 +132,24 @@ def ray_cluster(tmp_path_factory):
         yield cluster
     finally:
         cluster.stop()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def spawn_per_world_size(worker, world_sizes, variants_for, steps: int, tmp_path_factory, prefix: str) -> dict:
+    """One gloo process group per world size running ``worker(rank, world_size, port, out, variants, steps)``
+    over all of ``variants_for(world_size)``; rank 0's saved results, by world size."""
+    import torch
+    import torch.multiprocessing as mp
+
+    results = {}
+    for world_size in world_sizes:
+        out = tmp_path_factory.mktemp(f"{prefix}{world_size}") / "results.pt"
+        args = (world_size, free_port(), str(out), variants_for(world_size), steps)
+        mp.spawn(worker, args=args, nprocs=world_size, join=True)
+        results[world_size] = torch.load(out, weights_only=True)
+    return results

@@ -1,4 +1,4 @@
-"""A real, token-authenticated, single-node Ray cluster for tests (no mocks).
+"""A real, token-authenticated Ray cluster for tests (no mocks): a head, plus nodes on this machine.
 
 Used by ``tests/ray/conftest.py`` and reusable by any other test (e.g. the Kubernetes RayJob
 entrypoint tests)::
@@ -9,6 +9,9 @@ entrypoint tests)::
         proc = cluster.submit(["python", "launch/ray_job.py", ...], working_dir=REPO)
     finally:
         cluster.stop()
+
+``cluster.add_node(num_cpus=1)`` starts a second raylet on this machine that joins the head (a
+multi-node cluster, e.g. to lose a node mid-run with ``node.stop()``).
 
 Why not ``ray start`` + ``ray stop --force``: ``ray stop`` kills every Ray process of this user on
 the machine by name, including other people's clusters. Here the head runs under ``ray start
@@ -78,6 +81,7 @@ class RayCluster:
     log_path: Path
     env: dict[str, str] = field(repr=False)
     proc: subprocess.Popen | None = field(default=None, repr=False)
+    nodes: list[RayNode] = field(default_factory=list, repr=False)
 
     # -- clients -----------------------------------------------------------------------------------
     def client_env(self, token: bool = True, home: str | Path | None = None) -> dict[str, str]:
@@ -137,50 +141,114 @@ class RayCluster:
             return ""
 
     # -- lifecycle ---------------------------------------------------------------------------------
-    def _our_processes(self):
-        """Live processes of this cluster: the head's descendants and anything naming our temp dir."""
-        import psutil
+    def add_node(self, num_cpus: int = 1, timeout: float = 120) -> RayNode:
+        """Start another raylet on this machine (free ports, the cluster's token) and wait until the head
+        lists it as alive; ``node.stop()`` takes it away again, as a lost machine would."""
+        (node_mgr, obj_mgr, agent_http, agent_grpc, runtime_env, metrics) = free_ports(6)
+        cmd = [
+            ray_cli(),
+            "start",
+            f"--address={self.gcs_address}",
+            "--block",
+            "--disable-usage-stats",
+            f"--num-cpus={num_cpus}",
+            "--num-gpus=0",
+            "--node-ip-address=127.0.0.1",
+            f"--node-manager-port={node_mgr}",
+            f"--object-manager-port={obj_mgr}",
+            f"--dashboard-agent-listen-port={agent_http}",
+            f"--dashboard-agent-grpc-port={agent_grpc}",
+            f"--runtime-env-agent-port={runtime_env}",
+            f"--metrics-export-port={metrics}",
+            "--min-worker-port=0",
+            "--max-worker-port=0",
+            "--object-store-memory=100000000",
+        ]
+        log_path = self.log_path.with_name(f"ray-node-{len(self.nodes) + 1}.log")
+        with open(log_path, "wb") as log:
+            proc = subprocess.Popen(cmd, env=self.env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        node = RayNode(proc, log_path)
+        self.nodes.append(node)
+        deadline = time.monotonic() + timeout
+        while node_mgr not in self.alive_node_ports():
+            if proc.poll() is not None or time.monotonic() > deadline:
+                node.stop()
+                raise RuntimeError(f"the node did not join within {timeout:.0f} s:\n{log_path.read_text()[-3000:]}")
+            time.sleep(1)
+        return node
 
-        found = {}
-        if self.proc is not None:
-            try:
-                head = psutil.Process(self.proc.pid)
-                found[head.pid] = head
-                for child in head.children(recursive=True):
-                    found[child.pid] = child
-            except psutil.NoSuchProcess:
-                pass
-        marker = str(self.temp_dir)
+    def alive_node_ports(self) -> set[int]:
+        """The node-manager ports of the nodes the head's REST API lists as alive (one per raylet)."""
+        status, body = self.api_get("/nodes?view=summary")
+        nodes = json.loads(body).get("data", {}).get("summary", []) if status == 200 else []
+        return {n["raylet"]["nodeManagerPort"] for n in nodes if n.get("raylet", {}).get("state") == "ALIVE"}
+
+    def stop(self, grace: float = 8) -> None:
+        """Stop the added nodes, then shut the head down (SIGTERM to ``ray start --block``) and SIGKILL
+        leftovers by PID."""
+        for node in self.nodes:
+            node.stop(grace)
+        stop_processes(self.proc, str(self.temp_dir), grace)
+        shutil.rmtree(self.temp_dir, ignore_errors=True)
+
+
+@dataclass
+class RayNode:
+    """A raylet added to a cluster (``RayCluster.add_node``)."""
+
+    proc: subprocess.Popen = field(repr=False)
+    log_path: Path
+
+    def stop(self, grace: float = 8) -> None:
+        """SIGTERM to its ``ray start --block`` (the node leaves the cluster), then SIGKILL what is left."""
+        stop_processes(self.proc, None, grace)
+
+
+def processes(proc: subprocess.Popen | None, marker: str | None) -> list:
+    """Live processes: ``proc`` and its descendants, and anything naming ``marker`` on its command line."""
+    import psutil
+
+    found = {}
+    if proc is not None:
+        try:
+            root = psutil.Process(proc.pid)
+            found[root.pid] = root
+            for child in root.children(recursive=True):
+                found[child.pid] = child
+        except psutil.NoSuchProcess:
+            pass
+    if marker is not None:
         for p in psutil.process_iter(["pid", "cmdline"]):
             try:
                 if p.pid != os.getpid() and any(marker in arg for arg in (p.info["cmdline"] or [])):
                     found[p.pid] = p
             except (psutil.NoSuchProcess, psutil.AccessDenied):
                 continue
-        return list(found.values())
+    return list(found.values())
 
-    def stop(self, grace: float = 8) -> None:
-        """Shut the node down (SIGTERM to ``ray start --block``), then SIGKILL leftovers by PID."""
-        import psutil
 
-        procs = self._our_processes()
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=grace)
-            except subprocess.TimeoutExpired:
-                pass
-        procs = {p.pid: p for p in procs + self._our_processes()}.values()
-        for p in procs:
-            try:
-                p.kill()
-            except (psutil.NoSuchProcess, psutil.AccessDenied):
-                pass
-        psutil.wait_procs(list(procs), timeout=5)
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=5)
-        shutil.rmtree(self.temp_dir, ignore_errors=True)
+def stop_processes(proc: subprocess.Popen | None, marker: str | None, grace: float) -> None:
+    """SIGTERM to ``proc`` (a ``ray start --block``: it shuts its node down), then SIGKILL by PID whatever
+    of it (descendants, and processes naming ``marker``) is left."""
+    import psutil
+
+    procs = processes(proc, marker)
+    if proc is not None and proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            pass
+    procs = {p.pid: p for p in procs + processes(proc, marker)}.values()
+    for p in procs:
+        try:
+            p.kill()
+        except (psutil.NoSuchProcess, psutil.AccessDenied):
+            pass
+    psutil.wait_procs(list(procs), timeout=5)
+    if proc is not None and proc.poll() is None:
+        proc.kill()
+        proc.wait(timeout=5)
 
 
 def start_cluster(

@@ -19,10 +19,20 @@ from ssgd_dist.seeding import step_seed
 
 
 def noise(
-    model: nn.Module, distribution: str, seed: int, step: int, alpha: float, targets: str = "weights"
+    model: nn.Module,
+    distribution: str,
+    seed: int,
+    step: int,
+    alpha: float,
+    targets: str = "weights",
+    sample: int = 0,
+    scale: str = "layer_rms",
 ) -> dict[str, torch.Tensor]:
-    """parameter name -> n_i for the perturbed tensors of ``model`` at its current weights (``layer_rms`` scale)."""
-    gen = torch.Generator().manual_seed(step_seed(seed, step))
+    """parameter name -> n_i for the perturbed tensors of ``model`` at its current weights (``layer_rms`` or
+    ``absolute`` scale). Noise sample j > 0 of a step (methods that draw several) is seeded with
+    ``step_seed(step_seed(seed, step), j)``."""
+    seed_of_step = step_seed(seed, step)
+    gen = torch.Generator().manual_seed(seed_of_step if sample == 0 else step_seed(seed_of_step, sample))
     out = {}
     for name, w in model.named_parameters():
         if targets == "weights" and w.ndim < 2:
@@ -35,7 +45,8 @@ def noise(
             xi = (torch.rand(w.shape, generator=gen) * 2 - 1) * 3**0.5
         else:
             raise ValueError(distribution)
-        out[name] = alpha * w.detach().pow(2).mean().sqrt() * xi
+        sigma = {"layer_rms": w.detach().pow(2).mean().sqrt(), "absolute": 1.0}[scale]
+        out[name] = alpha * sigma * xi
     return out
 
 

@@ -4,6 +4,7 @@ import pytest
 
 from ssgd_dist.cli import main
 from ssgd_dist.config import load_config
+from ssgd_dist.errors import ConfigError
 from tests.conftest import run_cli
 
 BAD = [
@@ -101,8 +102,8 @@ def test_resuming_a_run_dir_with_another_config_is_refused(tmp_path):
 LAUNCH_BAD = [
     (["train"], "--config"),  # argparse: the required flag is named
     (["train", "--config", "quickstart", "--bogus"], "--bogus"),
-    (["report", "/nonexistent/run"], "--out"),
-    (["report", "/nonexistent/run", "--out", "x"], "is not a directory"),
+    (["report"], "runs"),  # argparse: at least one run directory
+    (["report", "/nonexistent/run"], "is not a directory"),
 ]
 
 
@@ -285,10 +286,32 @@ def test_the_resolved_config_reads_back_the_same_with_either_yaml_reader():
     from ssgd_dist import safe_yaml
     from ssgd_dist.config import dump_config
 
-    cfg = load_config("quickstart", ["data.root=yes", 'data.cache_dir="1e5"', "deepspeed.extra.a=[1, {b: 010}]"])
+    hostile = ["data.root=yes", 'data.cache_dir="1e5"', "deepspeed.extra.a=[1, {b: 010}]"]
+    cfg = load_config("quickstart", ["data.name=cifar10", "backend=deepspeed", *hostile])
     text = dump_config(cfg)
-    assert safe_yaml.load(text, "t") == yaml.safe_load(text) == cfg.to_dict()
+    assert safe_yaml.load(text, "t") == yaml.safe_load(text) == cfg.applicable_dict()
     assert "&" not in text and "*" not in text
+
+
+def test_config_yaml_leaves_out_keys_that_do_not_apply_and_old_run_dirs_still_resume(tmp_path):
+    from ssgd_dist import safe_yaml
+    from ssgd_dist.config import dump_config
+    from ssgd_dist.rundir import check_run_dir
+
+    cfg = load_config("quickstart")  # S-SGD on an MLP, SGD base optimizer, cosine schedule, no DeepSpeed
+    shown = safe_yaml.load(dump_config(cfg), "t")
+    for section, key in [("model", "batchnorm"), ("model", "bn_mode"), ("optim", "betas"), ("optim", "milestones")]:
+        assert key not in shown[section], (section, key)
+    assert "sam" not in shown and "deepspeed" not in shown
+    assert shown["model"]["hidden"] == [256, 256] and shown["ssgd"]["batch_split"] == "halves"
+    cnn = safe_yaml.load(dump_config(load_config("quickstart", ["model.name=cnn1d"])), "t")
+    assert cnn["model"]["batchnorm"] is True and "hidden" not in cnn["model"]
+    # A run directory written before: every key, applicable or not, resumes; an applicable change refuses.
+    (tmp_path / "config.yaml").write_text(safe_yaml.dump(cfg.to_dict()))
+    check_run_dir(cfg, tmp_path)
+    check_run_dir(load_config("quickstart", ["model.batchnorm=false", "sam.rho=0.1"]), tmp_path)
+    with pytest.raises(ConfigError, match="model.hidden"):
+        check_run_dir(load_config("quickstart", ["model.hidden=[64]"]), tmp_path)
 
 
 HOSTILE_GRIDS = [

@@ -1,23 +1,16 @@
 """Two real gloo ranks: one all-reduce per step, replicas bitwise equal, 2 ranks == 1 rank."""
 
 import json
-import socket
 from pathlib import Path
 
 import pytest
 import torch
 import torch.multiprocessing as mp
 
-from tests.conftest import TINY, final_params, run_cli, run_torchrun
+from tests.conftest import TINY, final_params, free_port, run_cli, run_torchrun
 from tests.dist_workers import count_comm, evaluate_worker
 
 pytestmark = pytest.mark.distributed
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 CNN = ["model.name=cnn1d", "data.num_samples=2000", "data.batch_size=200", "train.progress=false"]

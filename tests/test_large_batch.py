@@ -7,13 +7,10 @@ one-process, k = 1 run to 1e-5; a deliberately wrong variant shows the tolerance
 
 from __future__ import annotations
 
-import socket
-
 import pytest
 import torch
-import torch.multiprocessing as mp
 
-from tests.conftest import final_params, run_cli, run_torchrun, sets
+from tests.conftest import final_params, run_cli, run_torchrun, sets, spawn_per_world_size
 from tests.large_batch_workers import run_variants
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow]
@@ -52,21 +49,9 @@ def _variants(world_size: int) -> dict[str, dict]:
     return out
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory) -> dict[int, dict]:
-    results = {}
-    for world_size in WORLD_SIZES:
-        out = tmp_path_factory.mktemp(f"ws{world_size}") / "results.pt"
-        args = (world_size, _free_port(), str(out), _variants(world_size), STEPS)
-        mp.spawn(run_variants, args=args, nprocs=world_size, join=True)
-        results[world_size] = torch.load(out, weights_only=True)
-    return results
+    return spawn_per_world_size(run_variants, WORLD_SIZES, _variants, STEPS, tmp_path_factory, "ws")
 
 
 def _max_diff(a: dict, b: dict) -> float:

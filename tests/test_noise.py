@@ -4,7 +4,6 @@ import pytest
 import torch
 from torch import nn
 
-from ssgd_dist import noise
 from ssgd_dist.noise import (
     Perturber,
     alpha_at,
@@ -148,35 +147,6 @@ def test_perturb_reflect_restore_is_bit_exact(dtype):
     pert.restore()
     for p, w in zip(params, before):
         assert torch.equal(p, w)
-
-
-@pytest.mark.parametrize("restore", ["copy", "regenerate"])
-def test_the_accelerator_sign_path_adds_the_documented_noise_too(monkeypatch, restore):
-    """On an accelerator, Rademacher signs come from one int8 draw for all tensors (``batched_signs``). Forced on
-    here on the CPU, that path must move the weights by the documented +-n as well (also with sign -1, as
-    ``paired`` odd ranks do), reflect, and come back."""
-    monkeypatch.setattr(noise, "batched_signs", lambda ws, distribution: distribution == "rademacher" and bool(ws))
-    torch.manual_seed(0)
-    model = nn.Sequential(nn.Linear(9, 13), nn.Tanh(), nn.Linear(13, 4))
-    params = select_targets(model, "weights")
-    base = [p.detach().clone() for p in params]
-    want = list(reference.noise(model, "rademacher", seed=5, step=17, alpha=0.3).values())
-    for g, w in zip(draw_noise(params, "rademacher", "layer_rms", 0.3, noise_generator(5, 17, "cpu")), want):
-        torch.testing.assert_close(g, w, rtol=1e-6, atol=1e-8)
-    for sign in (1.0, -1.0):
-        pert = Perturber(params, restore=restore)
-        pert.perturb(5, 17, "rademacher", "layer_rms", 0.3, sign=sign)
-        for p, w, n in zip(params, base, want):
-            torch.testing.assert_close(p.detach(), w + sign * n, rtol=1e-6, atol=1e-7)
-        pert.reflect()
-        for p, w, n in zip(params, base, want):
-            torch.testing.assert_close(p.detach(), w - sign * n, rtol=1e-6, atol=1e-7)
-        pert.restore()
-        for p, w in zip(params, base):
-            if restore == "copy":
-                assert torch.equal(p.detach(), w)
-            else:
-                torch.testing.assert_close(p.detach(), w, rtol=0, atol=1e-6)
 
 
 def test_bf16_weights_come_back_exactly_only_by_copy():

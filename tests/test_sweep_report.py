@@ -86,9 +86,9 @@ def test_report_table_equals_the_runs_metrics(swept):
         assert row[2] == "1"
         assert row[3] == f"{acc[name]:.2f} ± 0.00"
         flat = json.loads((out / name / "flatness" / "flatness.json").read_text())
-        assert row[7] == format(flat["hessian"]["top_eigenvalue"], ".3g")
-        assert row[8] == format(flat["hessian"]["trace"], ".3g")
-        assert row[9] == format(flat["perturbation"][0]["loss_increase"], ".3g")  # median of [0.05, 0.1] -> 0.05
+        assert row[8] == format(flat["hessian"]["top_eigenvalue"], ".3g")
+        assert row[9] == format(flat["hessian"]["trace"], ".3g")
+        assert row[10] == format(flat["perturbation"][0]["loss_increase"], ".3g")  # median of [0.05, 0.1] -> 0.05
     # gap to small-batch SGD (batch 64) and paired gain over SGD at the same batch and seed
     assert rows[("sgd", 64)][4] == "+0.00"
     assert rows[("sgd", 128)][4] == f"{acc['sgd-b128-s0'] - acc['sgd-b64-s0']:+.2f}"
@@ -96,6 +96,7 @@ def test_report_table_equals_the_runs_metrics(swept):
         gain = acc[f"ssgd-halves-b{batch}-s0"] - acc[f"sgd-b{batch}-s0"]
         assert rows[("ssgd-halves", batch)][5] == f"{gain:+.2f} ± 0.00"
         assert rows[("ssgd-halves", batch)][6] == f"{int(gain > 0)}/1"
+        assert rows[("ssgd-halves", batch)][7] == "—"  # one seed: no t-test
     assert "ΔL (r=0.05)" in report
     summary = json.loads((out / "report" / "summary.json").read_text())
     got = {(c["label"], c["batch_size"]): c["mean"] for c in summary["cells"]}

@@ -48,8 +48,34 @@ RELIABILITY = "tests/test_reliability.py"
 COMM = "tests/test_distributed.py::test_ssgd_all_reduces_exactly_as_many_bytes_per_step_as_sgd"
 EVALUATE = "tests/test_distributed.py::test_test_metrics_cover_the_whole_test_set_on_two_ranks"
 DEEPSPEED_REDUCTIONS = "tests/deepspeed/test_deepspeed.py::test_ssgd_reduces_gradients_as_often_as_sgd"
+FSDP = "tests/test_fsdp.py"
 
 MUTATIONS = (
+    # -- sharded parameters (FSDP2) ----------------------------------------------------------------------
+    Mutation(
+        "shard-rows-from-zero",
+        "ssgd_dist/noise.py",
+        "start = min(rank * -(-rows // world), rows)",
+        "start = 0",
+        (FSDP,),
+        "every rank perturbs its shard with the first rows' noise: a sharded run is another algorithm",
+    ),
+    Mutation(
+        "layer-rms-of-the-shard-only",
+        "ssgd_dist/noise.py",
+        "dist.all_reduce(squares, group=sharded[0].group)",
+        "squares.mul_(1)  # mutation: no all-reduce",
+        (FSDP,),
+        "layer_rms noise scaled by one shard's weights: smaller noise the more ranks a run has",
+    ),
+    Mutation(
+        "fsdp-reduces-every-pass",
+        "ssgd_dist/backends/fsdp.py",
+        "self.model.set_requires_gradient_sync(last)",
+        "self.model.set_requires_gradient_sync(last or True)",
+        (FSDP,),
+        "under FSDP2 every pass reduce-scatters: twice the gradient traffic of SGD",
+    ),
     # -- the six gaps of issue 20 -----------------------------------------------------------------------
     Mutation(
         "paired-odd-ranks-at-w-plus-n",
@@ -164,22 +190,6 @@ MUTATIONS = (
         "            torch._foreach_add_(self.params, torch._foreach_sub(self._backup, self.params))  # mutation\n",
         (NOISE,),
         "w comes back to rounding, not bit for bit (bf16/fp16 weights drift every step)",
-    ),
-    Mutation(
-        "accelerator-path-ignores-sign",
-        "ssgd_dist/noise.py",
-        "add_scaled_(p, xi, s, w, alpha, sign)",
-        "add_scaled_(p, xi, s, w, alpha, 1.0)",
-        (NOISE,),
-        "on a GPU, paired odd ranks perturb to w+n too (the CPU path is right)",
-    ),
-    Mutation(
-        "accelerator-signs-zero-or-two",
-        "ssgd_dist/noise.py",
-        "flat.mul_(2).sub_(1)",
-        "flat.mul_(2)",
-        (NOISE,),
-        "on a GPU, Rademacher noise is 0 or 2 sigma: biased, twice the magnitude",
     ),
     Mutation(
         "regenerate-reflects-halfway",

@@ -245,8 +245,10 @@ def measure(
     y: torch.Tensor,
     opts: FlatnessOptions | None = None,
     loss_fn: LossFn = nn.functional.cross_entropy,
+    progress: Callable[[str], None] = lambda stage: None,
 ) -> dict[str, Any]:
-    """Every measure on this rank's samples ``x, y`` (already sharded); the model is left exactly as given."""
+    """Every measure on this rank's samples ``x, y`` (already sharded); the model is left exactly as given.
+    ``progress`` is told each measure before it starts: together they take tens of seconds."""
     opts = opts or FlatnessOptions()
     was_training = model.training
     model.eval()
@@ -254,19 +256,24 @@ def measure(
         oracle = LossOracle(model, x, y, loss_fn, opts.batch_size)
         targets = select_targets(model, opts.targets)
         result: dict[str, Any] = {"samples": oracle.total, "parameters": oracle.dim, "options": opts.to_dict()}
+        progress(f"perturbation sharpness: {len(opts.radii)} radii x {opts.draws} draws")
         loss, acc, rows = perturbation_sharpness(oracle, targets, opts.radii, opts.draws, opts.distribution, opts.seed)
         result.update(loss=loss, acc=acc, perturbation=rows)
         hessian: dict[str, Any] = {}
         if opts.power_iters:
+            progress(f"top Hessian eigenvalue: at most {opts.power_iters} power iterations")
             top = top_eigenvalue(oracle, opts.power_iters, opts.power_tol, opts.seed)
             hessian["top_eigenvalue"], hessian["power_iterations"] = top
         if opts.hutchinson:
+            progress(f"Hessian trace: {opts.hutchinson} Hutchinson probes")
             hessian["trace"], hessian["trace_stderr"] = hessian_trace(oracle, opts.hutchinson, opts.seed)
             hessian["hutchinson_probes"] = opts.hutchinson
         result["hessian"] = hessian
         if opts.landscape_1d:
+            progress(f"1-D loss landscape: {opts.landscape_1d} points")
             result["landscape_1d"] = loss_landscape(oracle, opts.landscape_1d, opts.span, 1, opts.seed)
         if opts.landscape_2d:
+            progress(f"2-D loss landscape: {opts.landscape_2d}x{opts.landscape_2d} points")
             result["landscape_2d"] = loss_landscape(oracle, opts.landscape_2d, opts.span, 2, opts.seed)
         result["loss_evaluations"] = oracle.evaluations
         return result

@@ -11,18 +11,21 @@ from __future__ import annotations
 import json
 import os
 import sys
+import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from .. import distributed
+from .. import distributed, safe_yaml
 from ..checkpoint import load_checkpoint_file, load_latest
 from ..config import FlatnessOptions, load_config
 from ..data import load_dataset
 from ..errors import ConfigError
-from ..models import build_model
+from ..models import build_loss, build_model
 from ..seeding import seed_initial_weights
+from ..usercode import is_import_path
 from .flatness import measure
 from .plots import plot_landscape_1d, plot_landscape_2d, plot_perturbation
 
@@ -35,7 +38,11 @@ def flatness_path(run_dir: Path) -> Path:
 
 
 def measure_run(
-    run_dir: Path, opts: FlatnessOptions | None = None, checkpoint: Path | None = None, out: Path | None = None
+    run_dir: Path,
+    opts: FlatnessOptions | None = None,
+    checkpoint: Path | None = None,
+    out: Path | None = None,
+    figures: bool = True,
 ) -> dict[str, Any]:
     """Measure a run's final (or a given) checkpoint; rank 0 writes ``flatness.json`` and PNGs to ``out``.
 
@@ -46,6 +53,9 @@ def measure_run(
     opts = opts or FlatnessOptions()
     if not (run_dir / "config.yaml").is_file():
         raise ConfigError(f"flatness: {run_dir} is not a run directory (no config.yaml)")
+    user_code = _user_code(safe_yaml.read_mapping(run_dir / "config.yaml", f"flatness: {run_dir / 'config.yaml'}"))
+    if user_code and int(os.environ.get("RANK", "0")) == 0:
+        print(f"ssgd-dist: flatness: importing {user_code} (named in {run_dir / 'config.yaml'})", flush=True)
     cfg = load_config(str(run_dir / "config.yaml"))
     if cfg.train.num_threads:
         torch.set_num_threads(cfg.train.num_threads)
@@ -75,25 +85,31 @@ def measure_run(
         model.load_state_dict(state["model"])
         n = len(data.y_train) if opts.samples <= 0 else min(opts.samples, len(data.y_train))
         shard = slice(ctx.rank, None, ctx.world_size)
-        result = measure(model, data.x_train[:n][shard], data.y_train[:n][shard], opts)
+        heading = f"ssgd-dist: flatness of {ckpt_path} on {n} training examples"
+        progress = _progress_printer(heading) if ctx.is_main else _quiet
+        loss = build_loss(cfg.train.loss)
+        result = measure(model, data.x_train[:n][shard], data.y_train[:n][shard], opts, loss, progress)
         result.update(
             run_dir=str(run_dir), checkpoint=str(ckpt_path), step=int(state.get("step", -1)), world_size=ctx.world_size
         )
         if ctx.is_main:
-            write_outputs(result, Path(out) if out else run_dir / FLATNESS_DIR, title=run_dir.name)
+            write_outputs(result, Path(out) if out else run_dir / FLATNESS_DIR, run_dir.name, figures)
         distributed.barrier()
         return result
     finally:
         distributed.teardown(ctx)
 
 
-def write_outputs(result: dict[str, Any], out: Path, title: str = "") -> Path:
-    """``flatness.json`` (replaced atomically: a sweep treats its presence as "measured") and the figures."""
+def write_outputs(result: dict[str, Any], out: Path, title: str = "", figures: bool = True) -> Path:
+    """``flatness.json`` (replaced atomically: a sweep treats its presence as "measured") and, unless a report
+    draws them for several runs anyway (the quickstart), the run's own figures: seconds on a small CPU."""
     out.mkdir(parents=True, exist_ok=True)
     tmp = out / f".{FLATNESS_FILE}.tmp{os.getpid()}"
     tmp.write_text(json.dumps(result, indent=1) + "\n")
     os.replace(tmp, out / FLATNESS_FILE)
     label = title or "run"
+    if not figures:
+        return out / FLATNESS_FILE
     if result.get("perturbation"):
         plot_perturbation(
             {label: result["perturbation"]}, out / "perturbation.png", f"Random-perturbation sharpness: {title}"
@@ -103,6 +119,18 @@ def write_outputs(result: dict[str, Any], out: Path, title: str = "") -> Path:
     if "landscape_2d" in result:
         plot_landscape_2d({label: result["landscape_2d"]}, out / "landscape_2d.png", f"2-D loss landscape: {title}")
     return out / FLATNESS_FILE
+
+
+def _progress_printer(heading: str) -> Callable[[str], None]:
+    """Prints the heading now, then each measure as it starts with the seconds since: a full measurement
+    takes tens of seconds, and a silent terminal for that long looks hung."""
+    start = time.perf_counter()
+    print(heading, flush=True)
+    return lambda stage: print(f"  {time.perf_counter() - start:5.1f} s  {stage}", flush=True)
+
+
+def _quiet(stage: str) -> None:
+    """Progress on ranks other than 0: rank 0 speaks for all."""
 
 
 def summary_line(result: dict[str, Any]) -> str:
@@ -121,6 +149,17 @@ def summary_line(result: dict[str, Any]) -> str:
 
 if __name__ == "__main__":  # pragma: no cover - convenience
     print(summary_line(measure_run(Path(sys.argv[1]))))
+
+
+def _user_code(saved: dict[str, Any]) -> str:
+    """The modules a saved config names by import path, as ``key module:attribute`` (empty: none); read from
+    the raw YAML, so that the user sees them before anything is imported."""
+    named = [
+        f"{section}.{field} {value}"
+        for section, field in (("model", "name"), ("data", "name"), ("train", "loss"))
+        if isinstance(value := (saved.get(section) or {}).get(field), str) and is_import_path(value)
+    ]
+    return ", ".join(named)
 
 
 def _state_mismatch(expected: dict[str, torch.Tensor], given: object) -> str | None:

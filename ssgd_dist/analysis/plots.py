@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .report import CellStats, RunSummary
 
-METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam"]
+METHOD_ORDER = ["sgd", "gni", "smoothout", "ssgd", "sam", "nso", "rwp"]
 
 
 # -- matplotlib plumbing -----------------------------------------------------------------------------
@@ -58,11 +58,15 @@ def label_key(label: str) -> tuple[int, str]:
     return (METHOD_ORDER.index(base) if base in METHOD_ORDER else len(METHOD_ORDER), label)
 
 
-def _log_axis(axis) -> None:
-    """A log axis labelled at 1, 2, 5 x 10^k in plain numbers (no overlapping minor labels)."""
+def _log_axis(axis, max_labels: int = 6) -> None:
+    """A log axis with at most ``max_labels`` plain-number labels, so they never overlap: at 1, 2, 5 x 10^k
+    over a narrow range, at powers of ten (every few, over a wide one) otherwise. Call after plotting."""
     from matplotlib.ticker import FormatStrFormatter, LogLocator, NullFormatter
 
-    axis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0)))
+    lo, hi = sorted(axis.get_view_interval())
+    decades = math.log10(hi / lo) if lo > 0 and hi > lo else 1.0
+    subs = (1.0, 2.0, 5.0) if 3 * (decades + 1) <= max_labels else (1.0,)
+    axis.set_major_locator(LogLocator(base=10, subs=subs, numticks=max_labels + 1))
     axis.set_major_formatter(FormatStrFormatter("%g"))
     axis.set_minor_formatter(NullFormatter())
 
@@ -102,7 +106,7 @@ def plot_landscape_1d(curves: dict[str, dict[str, Any]], path: Path, title: str 
     label_axes(
         ax,
         title,
-        "step along the filter-normalised direction (alpha, units of ||filter||)",
+        "step along the filter-normalised direction (units of ||filter||)",
         "training loss (cross-entropy, log scale)",
         log_grid=True,
     )
@@ -134,8 +138,8 @@ def plot_landscape_2d(
         )
         ax.plot([0], [0], marker="*", color="white", markersize=10)
         ax.set_title(label, fontsize=10)
-        ax.set_xlabel("direction 1 (alpha)")
-        ax.set_ylabel("direction 2 (beta)")
+        ax.set_xlabel("step along direction 1 (units of ||filter||)", fontsize=8)
+        ax.set_ylabel("step along direction 2 (units of ||filter||)", fontsize=8)
         ax.set_aspect("equal")
     for ax in axes.ravel()[n:]:
         ax.axis("off")
@@ -163,62 +167,144 @@ def plot_perturbation(rows_by_label: dict[str, list[dict[str, float]]], path: Pa
 
 
 # -- many runs (the report) ----------------------------------------------------------------------------
-def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "") -> None:
-    """The paper's central picture: test accuracy (mean +- std over seeds) against the batch size."""
-    colors = _colors([c.label for c in cells])
-    fig, ax = pyplot().subplots(figsize=(6.4, 4.4))
+def plot_accuracy_vs_batch(cells: list[CellStats], path: Path, title: str = "", reference: str = "SGD") -> None:
+    """The paper's central picture: test accuracy (mean +- std over seeds, one line per method) against the
+    batch size, and beside it each method's paired gain over the ``reference`` (SGD by default). With a
+    single batch size there is no axis to draw along: each method is a point (every seed a dot) instead."""
     by_label: dict[str, list[CellStats]] = defaultdict(list)
     for c in cells:
         if c.mean is not None:
             by_label[c.label].append(c)
-    for label in sorted(by_label, key=label_key):
-        cs = sorted(by_label[label], key=lambda c: c.batch_size)
-        ax.errorbar(
-            [c.batch_size for c in cs],
-            [c.mean for c in cs],
-            yerr=[c.std for c in cs],
-            marker="o",
-            capsize=4,
-            color=colors[label],
-            label=label,
-        )
-    ax.set_xscale("log", base=2)
+    labels = sorted(by_label, key=label_key)
+    colors = _colors(labels)
     batches = sorted({c.batch_size for c in cells})
-    ax.set_xticks(batches)
-    ax.set_xticklabels([str(b) for b in batches])
-    label_axes(
-        ax,
-        title or "Test accuracy vs batch size (mean ± std over seeds)",
-        "global batch size (samples, log scale)",
-        "final test accuracy (%)",
-    )
+    gains = any(c.paired_gain is not None for c in cells)
+    fig, axes = pyplot().subplots(1, 2 if gains else 1, figsize=(12.4 if gains else 6.4, 4.4), squeeze=False)
+    ax = axes[0][0]
+    title = title or "Test accuracy vs batch size (mean ± std over seeds)"
+    if len(batches) == 1:
+        for i, label in enumerate(labels):
+            (c,) = by_label[label]
+            ax.scatter([i] * len(c.accs), list(c.accs.values()), color=colors[label], alpha=0.4, s=14)
+            ax.errorbar([i], [c.mean], yerr=[c.std], marker="o", capsize=5, color=colors[label], label=label)
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        label_axes(ax, f"Test accuracy at batch {batches[0]} (dots: seeds)", "method", "final test accuracy (%)")
+    else:
+        for label in labels:
+            cs = sorted(by_label[label], key=lambda c: c.batch_size)
+            xs = [c.batch_size * _dodge(label, labels) for c in cs]
+            ax.errorbar(xs, [c.mean for c in cs], yerr=[c.std for c in cs], marker="o", capsize=3, color=colors[label])
+            ax.plot([], [], marker="o", color=colors[label], label=label)
+        _batch_axis(ax, batches)
+        label_axes(ax, title, "global batch size (samples, log scale)", "final test accuracy (%)")
+    if gains:
+        _plot_paired_gains(axes[0][1], by_label, labels, colors, batches, reference)
     save_figure(fig, path, dpi=120)
 
 
+def _dodge(label: str, labels: list[str]) -> float:
+    """A small multiplicative offset per method on a log axis, so error bars at one batch size do not overlap."""
+    return 2 ** (0.06 * (labels.index(label) - (len(labels) - 1) / 2))
+
+
+def _batch_axis(ax, batches: list[int]) -> None:
+    ax.set_xscale("log", base=2)
+    ax.set_xticks(batches)
+    ax.set_xticklabels([str(b) for b in batches])
+    ax.minorticks_off()
+
+
+def _plot_paired_gains(ax, by_label, labels, colors, batches, reference: str) -> None:
+    """Per method: mean +- std over seeds of (method - reference) at the same seed; hollow where p >= 0.05."""
+    for label in labels:
+        cs = sorted((c for c in by_label[label] if c.paired_gain is not None), key=lambda c: c.batch_size)
+        if not cs:
+            continue
+        xs = [c.batch_size * _dodge(label, labels) for c in cs] if len(batches) > 1 else [labels.index(label)]
+        ax.errorbar(
+            xs, [c.paired_gain for c in cs], yerr=[c.paired_gain_std for c in cs], capsize=3, color=colors[label]
+        )
+        significant = [c.paired_p is not None and c.paired_p < 0.05 for c in cs]
+        ax.scatter(
+            xs,
+            [c.paired_gain for c in cs],
+            marker="o",
+            s=36,
+            zorder=3,
+            edgecolors=colors[label],
+            facecolors=[colors[label] if sig else "white" for sig in significant],
+            label=label,
+        )
+    ax.axhline(0.0, color="black", linewidth=0.8)
+    if len(batches) > 1:
+        _batch_axis(ax, batches)
+        xlabel = "global batch size (samples, log scale)"
+    else:
+        ax.set_xticks(range(len(labels)))
+        ax.set_xticklabels(labels, rotation=30, ha="right")
+        ax.set_xlim(-0.6, len(labels) - 0.4)
+        xlabel = "method"
+    label_axes(
+        ax,
+        f"Paired gain over {reference} (same seed), mean ± std; filled: paired t p < 0.05",
+        xlabel,
+        f"test accuracy minus {reference}'s (points)",
+        title_size=10,
+    )
+
+
 def plot_learning_curves(runs: list[RunSummary], path: Path) -> None:
-    """Test accuracy during training, mean over seeds (band: +- std), one panel per batch size."""
+    """Test accuracy (top) and training loss (bottom) during training, mean over seeds (band: +- std), one
+    column per batch size. The training loss is what the step's passes saw: for the noise methods, the loss
+    at the perturbed weights, so it sits above the loss at w."""
     import numpy as np
 
     colors = _colors([r.label for r in runs])
     batches = sorted({r.batch_size for r in runs})
-    fig, axes = pyplot().subplots(1, len(batches), figsize=(5.6 * len(batches), 4.2), squeeze=False)
-    for ax, batch in zip(axes[0], batches, strict=True):
+    fig, axes = pyplot().subplots(2, len(batches), figsize=(5.6 * len(batches), 7.6), squeeze=False)
+    for col, batch in enumerate(batches):
         groups: dict[str, list[RunSummary]] = defaultdict(list)
         for r in runs:
             if r.batch_size == batch and r.curve and not r.diverged:
                 groups[r.label].append(r)
-        for label in sorted(groups, key=label_key):
-            curves = groups[label]
-            n = min(len(r.curve) for r in curves)
-            epochs = [e for e, _ in curves[0].curve[:n]]
-            accs = np.array([[100 * a for _, a in r.curve[:n]] for r in curves])
-            mean = accs.mean(0)
-            ax.plot(epochs, mean, color=colors[label], label=_seeds_label(label, len(curves)))
-            if len(curves) > 1:
-                std = accs.std(0, ddof=1)
-                ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
-        label_axes(ax, f"Test accuracy during training, batch {batch}", "epoch", "test accuracy (%)")
+        for row, get in enumerate((_accuracy_points, _loss_points)):
+            ax = axes[row][col]
+            for label in sorted(groups, key=label_key):
+                curves = [get(r) for r in groups[label]]
+                n = min(len(c) for c in curves)
+                if n == 0:
+                    continue
+                epochs = [e for e, _ in curves[0][:n]]
+                values = np.array([[v for _, v in c[:n]] for c in curves])
+                mean = values.mean(0)
+                ax.plot(epochs, mean, color=colors[label], label=_seeds_label(label, len(curves)))
+                if len(curves) > 1:
+                    std = values.std(0, ddof=1)
+                    ax.fill_between(epochs, mean - std, mean + std, color=colors[label], alpha=0.2)
+            if row == 0:
+                label_axes(ax, f"Test accuracy during training, batch {batch}", "epoch", "test accuracy (%)")
+            else:
+                ax.set_yscale("log")
+                _log_axis(ax.yaxis)
+                label_axes(
+                    ax,
+                    f"Training loss of the step's passes (per-epoch mean), batch {batch}",
+                    "epoch",
+                    "training loss (log scale)",
+                    title_size=10,
+                    log_grid=True,
+                )
     save_figure(fig, path, dpi=110)
+
+
+def _accuracy_points(run: RunSummary) -> list[tuple[float, float]]:
+    return [(e, 100 * a) for e, a in run.curve]
+
+
+def _loss_points(run: RunSummary) -> list[tuple[float, float]]:
+    return [(e, v) for e, v in run.loss_curve if v > 0]
 
 
 def plot_sharpness_vs_accuracy(runs: list[RunSummary], radius: float | None, path: Path) -> None:
@@ -322,7 +408,7 @@ def plot_landscapes(runs: list[RunSummary], out: Path) -> list[str]:
             label_axes(
                 ax,
                 f"1-D loss landscape (Li et al. 2018), batch {batch}",
-                "alpha along a filter-normalised random direction",
+                "step along a filter-normalised random direction (units of ||filter||)",
                 "training loss (log scale), mean over seeds",
                 title_size=10,
                 log_grid=True,

@@ -2,7 +2,8 @@
 
 ``write_report(run_dirs, out)`` writes ``out/report.md`` and ``out/summary.json`` with, per method and
 batch size, the test accuracy over seeds (mean +- sample std), the difference to small-batch SGD, the
-paired gain over SGD at the same batch (same seed: same initial weights and batch order), and the
+paired gain over SGD at the same batch (same seed: same initial weights and batch order) with a paired
+t-test's p-value, and the
 sharpness measured by ``ssgd-dist flatness`` (when ``RUN_DIR/flatness/flatness.json`` exists); and the
 plots: test accuracy vs batch size, learning curves, sharpness vs accuracy, perturbation sharpness vs
 radius, and 1-D / 2-D loss landscapes.
@@ -45,6 +46,7 @@ class RunSummary:
     test_loss: float | None
     curve: list[tuple[float, float]]  # (epoch, test_acc) at evaluations
     diverged: bool = False
+    loss_curve: list[tuple[float, float]] = field(default_factory=list)  # (epoch, mean training loss) per epoch
     step: int | None = None
     train_loss: float | None = None
     flatness: dict[str, Any] | None = field(default=None, repr=False)
@@ -125,10 +127,37 @@ def _summarize(run_dir: Path, cfg: dict) -> RunSummary:
         None if diverged else last.get("test_loss"),
         [(r["epoch"], r["test_acc"]) for r in evals],
         diverged=diverged,
+        loss_curve=epoch_means(records, "train_loss"),
         step=records[-1]["step"] if records else None,
         train_loss=records[-1].get("train_loss") if records else None,
         flatness=flat,
     )
+
+
+def epoch_means(records: list[dict], key: str) -> list[tuple[float, float]]:
+    """(end of epoch e, mean of ``key`` over the steps logged in epoch e): one point per epoch, so a curve
+    does not depend on how often a run logged, and per-step noise averages out."""
+    bins: dict[int, list[float]] = defaultdict(list)
+    for r in records:
+        if key in r and "epoch" in r and math.isfinite(r[key]):
+            bins[max(0, math.ceil(r["epoch"]) - 1)].append(r[key])
+    return [(e + 1.0, statistics.fmean(v)) for e, v in sorted(bins.items())]
+
+
+def paired_t_p(diffs: list[float]) -> float | None:
+    """Two-sided p-value of the paired t-test of mean(diffs) = 0 (None for fewer than 2 pairs or no spread)."""
+    if len(diffs) < 2:
+        return None
+    sd = statistics.stdev(diffs)
+    if sd == 0:
+        return None
+    from scipy.stats import t  # scikit-learn's own dependency
+
+    return float(2 * t.sf(abs(statistics.fmean(diffs)) / (sd / math.sqrt(len(diffs))), len(diffs) - 1))
+
+
+def _fmt_p(p: float | None) -> str:
+    return NA if p is None else ("< 0.001" if p < 0.001 else f"{p:.3f}")
 
 
 def collect_run_dirs(paths: list[Path | str]) -> list[Path]:
@@ -171,6 +200,7 @@ class CellStats:
     paired_gain_std: float | None = None
     paired_positive: int = 0
     paired_count: int = 0
+    paired_p: float | None = None  # two-sided paired t-test over seeds
     top_eigenvalue: float | None = None
     hessian_trace: float | None = None
     loss_increase: float | None = None
@@ -199,7 +229,25 @@ def sgd_reference_label(runs: list[RunSummary]) -> str | None:
     return labels[0] if labels else None
 
 
-def cell_stats(runs: list[RunSummary], radius: float | None = None) -> list[CellStats]:
+def reference_label(runs: list[RunSummary], reference: str | None = None) -> str | None:
+    """The label the paired gains are taken against: ``reference`` when given (any method's label, e.g. to
+    compare every rival with S-SGD), else the SGD runs'."""
+    if reference is None:
+        return sgd_reference_label(runs)
+    labels = sorted({r.label for r in runs}, key=label_key)
+    if reference not in labels:
+        raise ConfigError(
+            f"report --reference {safe_yaml.clip(reference)}: no such method label; the runs have {labels}"
+        )
+    return reference
+
+
+def reference_name(ref: str | None, runs: list[RunSummary]) -> str:
+    """How headings call the reference: SGD for the default, else its label."""
+    return "SGD" if ref is not None and ref == sgd_reference_label(runs) else str(ref)
+
+
+def cell_stats(runs: list[RunSummary], radius: float | None = None, reference: str | None = None) -> list[CellStats]:
     groups: dict[tuple[str, int], list[RunSummary]] = defaultdict(list)
     for r in runs:
         groups[(r.label, r.batch_size)].append(r)
@@ -214,7 +262,7 @@ def cell_stats(runs: list[RunSummary], radius: float | None = None) -> list[Cell
         if radius is not None:
             cell.loss_increase = _mean_of([r.loss_increase(radius) for r in members])
         cells.append(cell)
-    ref_label = sgd_reference_label(runs)
+    ref_label = reference_label(runs, reference)
     by_key = {(c.label, c.batch_size): c for c in cells}
     if ref_label is not None:
         sgd_batches = sorted(c.batch_size for c in cells if c.label == ref_label and c.mean is not None)
@@ -229,20 +277,31 @@ def cell_stats(runs: list[RunSummary], radius: float | None = None) -> list[Cell
             if diffs:
                 c.paired_gain, c.paired_gain_std = _mean_std(diffs)
                 c.paired_positive, c.paired_count = sum(d > 0 for d in diffs), len(diffs)
+                c.paired_p = paired_t_p(diffs)
     cells.sort(key=lambda c: (c.batch_size, label_key(c.label)))
     return cells
 
 
-def comparison_table(runs: list[RunSummary], radius: float | None = None) -> str:
+def comparison_table(runs: list[RunSummary], radius: float | None = None, reference: str | None = None) -> str:
     """Markdown: one row per (method, batch size); accuracy mean +- std over seeds, gaps, sharpness."""
     if radius is None:
         radius = default_radius(runs)
-    cells = cell_stats(runs, radius)
-    ref = sgd_reference_label(runs)
+    cells = cell_stats(runs, radius, reference)
+    ref = reference_label(runs, reference)
+    name = reference_name(ref, runs)
     small = min((c.batch_size for c in cells if c.label == ref), default=None)
-    gap_head = f"vs SGD@{small} (pts)" if small is not None else "vs small-batch SGD (pts)"
+    gap_head = f"vs {name}@{small} (pts)" if small is not None else f"vs small-batch {name} (pts)"
     flat = any(r.flatness for r in runs)
-    head = ["method", "batch", "seeds", "test acc (%)", gap_head, "paired gain vs SGD (pts)", "seeds better"]
+    head = [
+        "method",
+        "batch",
+        "seeds",
+        "test acc (%)",
+        gap_head,
+        f"paired gain vs {name} (pts)",
+        "seeds better",
+        "p (paired t)",
+    ]
     if flat:
         head += ["λ_max", "tr(H)", f"ΔL (r={radius:g})" if radius is not None else "ΔL"]
     lines = ["| " + " | ".join(head) + " |", "|" + "|".join(["---"] + ["---:"] * (len(head) - 1)) + "|"]
@@ -252,7 +311,7 @@ def comparison_table(runs: list[RunSummary], radius: float | None = None) -> str
         gap = f"{c.gap_to_small_batch_sgd:+.2f}" if c.gap_to_small_batch_sgd is not None else NA
         gain = f"{c.paired_gain:+.2f} ± {c.paired_gain_std:.2f}" if c.paired_gain is not None else NA
         better = f"{c.paired_positive}/{c.paired_count}" if c.paired_count else NA
-        row = [c.label, str(c.batch_size), seeds, acc, gap, gain, better]
+        row = [c.label, str(c.batch_size), seeds, acc, gap, gain, better, _fmt_p(c.paired_p)]
         if flat:
             row += [_fmt(c.top_eigenvalue), _fmt(c.hessian_trace), _fmt(c.loss_increase)]
         lines.append("| " + " | ".join(row) + " |")
@@ -290,16 +349,24 @@ def per_run_table(runs: list[RunSummary], radius: float | None) -> str:
 
 
 # -- the report --------------------------------------------------------------------------------------
-def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radius: float | None = None) -> Path:
+def write_report(
+    run_dirs: list[Path],
+    out: Path,
+    title: str | None = None,
+    radius: float | None = None,
+    reference: str | None = None,
+) -> Path:
+    """``reference``: the method label the paired gains are taken against (default: SGD's)."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     runs = summarize_runs(run_dirs)
     if radius is None:
         radius = default_radius(runs)
-    cells = cell_stats(runs, radius)
-    table = comparison_table(runs, radius)
+    ref = reference_label(runs, reference)
+    cells = cell_stats(runs, radius, ref)
+    table = comparison_table(runs, radius, ref)
     plots = []
-    plot_accuracy_vs_batch(cells, out / "accuracy_vs_batch.png")
+    plot_accuracy_vs_batch(cells, out / "accuracy_vs_batch.png", reference=reference_name(ref, runs))
     plots.append(("Test accuracy vs batch size", "accuracy_vs_batch.png"))
     plot_learning_curves(runs, out / "learning_curves.png")
     plots.append(("Learning curves", "learning_curves.png"))
@@ -310,13 +377,15 @@ def write_report(run_dirs: list[Path], out: Path, title: str | None = None, radi
         plots.append(("Loss increase under random weight noise", "perturbation.png"))
         for name in plot_landscapes(runs, out):
             plots.append(("1-D loss landscapes" if "1d" in name else "2-D loss landscapes", name))
-    ref = sgd_reference_label(runs)
     text = [f"# {title or 'ssgd-dist report'}\n", table, ""]
     text.append(
         "Test accuracy: final evaluation, mean ± sample std over seeds (diverged runs are counted, not averaged). "
-        f"`vs SGD@b`: difference of the mean to `{ref}` at its smallest batch size. `paired gain`: mean ± std over "
+        f"`vs {reference_name(ref, runs)}@b`: difference of the mean to `{ref}` at its smallest batch size. "
+        "`paired gain`: mean ± std over "
         f"seeds of (method - `{ref}`) at the same batch size and seed (same initial weights and batch order); "
-        "`seeds better`: how many of those differences are positive."
+        "`seeds better`: how many of those differences are positive; `p (paired t)`: two-sided p-value of a paired "
+        "t-test of those differences (n - 1 degrees of freedom; with 3 seeds only a large, consistent gain reaches "
+        "p < 0.05)."
         if ref
         else "Test accuracy: final evaluation, mean ± sample std over seeds."
     )

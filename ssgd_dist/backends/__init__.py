@@ -32,6 +32,10 @@ def backend_class(cfg: Config, world_size: int) -> type[Backend]:
         from .deepspeed import DeepSpeedBackend  # DeepSpeed itself is imported only when an engine is built
 
         return DeepSpeedBackend
+    if name == "fsdp":
+        from .fsdp import FSDPBackend
+
+        return FSDPBackend
     from .local import LocalBackend
 
     return LocalBackend
@@ -43,9 +47,9 @@ def check_launch(cfg: Config, world_size: int, *, process_group: bool = True) ->
     ``process_group``: whether the ranks are (or will be) in a torch.distributed group; a trainer passes
     ``dist.is_initialized()``, launchers (torchrun, Ray Train) leave the default, as they create one.
     """
-    if cfg.backend == "ddp" and world_size == 1 and not process_group:
+    if cfg.backend in ("ddp", "fsdp") and world_size == 1 and not process_group:
         raise ConfigError(
-            "backend = ddp in a single process (WORLD_SIZE unset or 1, no process group): launch the ranks "
+            f"backend = {cfg.backend} in a single process (WORLD_SIZE unset or 1, no process group): launch the ranks "
             "with torchrun (`torchrun --nproc_per_node=N -m ssgd_dist.cli train ...`), or use backend=local (or auto)"
         )
     if cfg.backend == "local" and world_size > 1:

@@ -17,6 +17,7 @@ from torch import nn
 from ..bn import bn_restore, bn_snapshot, end_step, frozen_bn_stats
 from ..config import Config
 from ..methods import Method, select_part
+from ..noise import whole
 
 
 @dataclass
@@ -108,8 +109,11 @@ class Backend:
         it later). A skip is decided on the host: one sync per step. The gradient is identical on
         every rank, so every rank decides alike.
         """
-        max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")
-        norm = torch.nn.utils.clip_grad_norm_(params, max_norm).detach()
+        if self.clip_grad_norm is None:  # the norm only: scaling every gradient by 1.0 costs a pass over them
+            norm = torch.nn.utils.get_total_norm([p.grad for p in params])
+        else:
+            norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)
+        norm = whole(norm.detach())  # sharded gradients (FSDP2): the norm over every shard
         return norm, self.can_skip and not bool(torch.isfinite(norm))
 
     def optimizer_step(self) -> StepResult:

@@ -107,7 +107,8 @@ def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
     if stage not in SUPPORTED_STAGES:
         raise ConfigError(
             f"deepspeed.zero_stage = {stage}: ZeRO-3 partitions the parameters, and S-SGD's shard-aware weight noise "
-            "is not implemented; supported: deepspeed.zero_stage=0, 1 or 2 (fp32 or bf16), or backend=ddp"
+            "is not implemented on DeepSpeed; supported: deepspeed.zero_stage=0, 1 or 2 (fp32 or bf16), "
+            "or backend=fsdp for sharded parameters"
         )
     for key, owner in OWNED_KEYS.items():
         if key in extra:

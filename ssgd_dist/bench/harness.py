@@ -53,6 +53,8 @@ def resolve(opts: BenchOptions) -> BenchOptions:
         variants = ["sgd", *variants]  # the reference every ratio is taken to
     if opts.project:
         variants += [v for v in ("ssgd-halves", "ssgd-naive") if v not in variants]
+    if opts.backend == "fsdp" and (opts.project or opts.precision == "fp16"):
+        raise ConfigError("--backend fsdp: --project and --precision fp16 are not supported; leave them out")
     burst = opts.burst
     if burst is None:
         burst = 8 if device == "cuda" else 1  # only an asynchronous device has launches to hide
@@ -89,7 +91,7 @@ def _run_rank(rank: int, world_size: int, opts: BenchOptions) -> dict[str, Any] 
     base = build_model(ModelConfig(name=opts.model), input_shape, NUM_CLASSES).to(device)
     param_bytes = sum(p.numel() * p.element_size() for p in base.parameters())
     x, y = _batch(opts, input_shape, rank, world_size, device)
-    variants = [v for v in VARIANTS if v.name in opts.variants and v.available(world_size) is None]
+    variants = [v for v in VARIANTS if v.name in opts.variants and v.available(world_size, opts.backend) is None]
     runners = [Runner(v, base, opts, rank, world_size) for v in variants]
     compute_names = {"sgd", "ssgd-halves"} if opts.project else set()
 
@@ -255,7 +257,7 @@ def run_bench(opts: BenchOptions) -> dict[str, Any]:
     machine["peak_rss_bytes_rank0"] = measured["peak_rss_bytes_rank0"]
     results = measured["results"]
     add_ratios(results, measured["param_bytes"])
-    skipped = {v.name: v.available(opts.world_size) for v in VARIANTS if v.name in opts.variants}
+    skipped = {v.name: v.available(opts.world_size, opts.backend) for v in VARIANTS if v.name in opts.variants}
     report: dict[str, Any] = {
         "machine": machine,
         "torch": torch.__version__,

@@ -34,23 +34,42 @@ class AllocationTracker(TorchDispatchMode):
         self.current = 0
         self.peak = 0
 
+    def live_bytes(self) -> int:
+        """Bytes of the storages allocated while active that are still alive now (held, not transient)."""
+        self._forget_dead()
+        return self.current
+
+    def _forget_dead(self) -> None:
+        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
+            self.current -= self._live.pop(key)[1]
+
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         out = func(*args, **kwargs)
-        for key in [k for k, (ref, _) in self._live.items() if ref.expired()]:
-            self.current -= self._live.pop(key)[1]
-        inputs = {
-            t.untyped_storage().data_ptr() for t in tree_flatten((args, kwargs))[0] if isinstance(t, torch.Tensor)
-        }
-        for t in tree_flatten(out)[0]:
-            if isinstance(t, torch.Tensor):
-                storage = t.untyped_storage()
-                key, nbytes = storage.data_ptr(), storage.nbytes()
-                if nbytes and key not in inputs and key not in self._live:
-                    self._live[key] = (StorageWeakRef(storage), nbytes)
-                    self.current += nbytes
+        self._forget_dead()
+        inputs = {storage.data_ptr() for storage in _storages((args, kwargs))}
+        for storage in _storages(out):
+            key, nbytes = storage.data_ptr(), storage.nbytes()
+            if nbytes and key not in inputs and key not in self._live:
+                self._live[key] = (StorageWeakRef(storage), nbytes)
+                self.current += nbytes
         self.peak = max(self.peak, self.current)
         return out
+
+
+def _storages(tree: Any) -> list[torch.UntypedStorage]:
+    """The storages of the tensors in ``tree``; wrapper tensors without one of their own (a DTensor's
+    outer tensor: its local tensor is counted where it is allocated) are left out."""
+    out = []
+    for t in tree_flatten(tree)[0]:
+        if isinstance(t, torch.Tensor):
+            try:
+                storage = t.untyped_storage()
+                storage.data_ptr()
+            except RuntimeError:
+                continue
+            out.append(storage)
+    return out
 
 
 def peak_rss_bytes() -> int | None:

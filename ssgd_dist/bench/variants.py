@@ -16,6 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends.ddp import DDPBackend
+from ..backends.fsdp import CountingReduceScatter, FSDPBackend, count_reduce_scatters
 from ..bn import convert_batchnorm
 from ..config import BenchOptions, Config, OptimConfig
 from ..methods import METHODS, SGD, Pass, build_method
@@ -32,10 +33,12 @@ class Variant:
     micro_batches: int = 1  # sgd-ga2: two half-size micro-batches, no noise
     bn_mode: str = "local"  # BatchNorm statistics over this rank's samples, or (sync) every rank's
 
-    def available(self, world_size: int) -> str | None:
-        """None, or why this variant cannot run at this world size."""
+    def available(self, world_size: int, backend: str = "ddp") -> str | None:
+        """None, or why this variant cannot run at this world size on this backend."""
         if self.method not in METHODS:
             return f"method {self.method!r} does not exist"
+        if backend == "fsdp" and METHODS[self.method].needs_local_gradient:
+            return f"{self.method} reads this rank's unreduced gradient, which FSDP2 keeps to itself"
         if self.batch_split == "paired" and world_size % 2:
             return f"'paired' needs an even number of ranks, not {world_size}"
         return None
@@ -66,6 +69,13 @@ class GradientAccumulation(SGD):
 
 class NaiveDDPBackend(DDPBackend):
     """S-SGD as written by hand: no ``no_sync()``, so both passes all-reduce."""
+
+    def sync_context(self, last: bool) -> contextlib.AbstractContextManager:
+        return contextlib.nullcontext()
+
+
+class NaiveFSDPBackend(FSDPBackend):
+    """The same by hand on FSDP2: every pass reduce-scatters."""
 
     def sync_context(self, last: bool) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()
@@ -154,14 +164,19 @@ class Runner:
         device = next(base_model.parameters()).device
         self.device = device
         self.model = convert_batchnorm(copy.deepcopy(base_model), variant.bn_mode)
-        optimizer = build_optimizer(OptimConfig(lr=0.01), self.model.parameters())
-        backend_cls = NaiveDDPBackend if variant.naive else DDPBackend
-        # training's default: no host sync
-        self.backend = backend_cls(self.model, optimizer, precision=opts.precision, micro_steps=opts.accumulation_steps)
-        self.comm = CommCounter(world_size)
-        self.backend.ddp.register_comm_hook(self.comm, counting_allreduce)
-        cfg = Config(method=variant.method, seed=opts.seed)
+        cfg = Config(method=variant.method, seed=opts.seed, backend=opts.backend, optim=OptimConfig(lr=0.01))
+        cfg.train.precision = opts.precision
+        cfg.train.accumulation_steps = opts.accumulation_steps
         cfg.noise.restore = variant.restore
+        if opts.backend == "fsdp":
+            backend_cls = NaiveFSDPBackend if variant.naive else FSDPBackend
+            self.backend = backend_cls.from_config(cfg, self.model, None)  # shards the model in place
+            self.comm: CommCounter | CountingReduceScatter = count_reduce_scatters(self.model)
+        else:
+            optimizer = build_optimizer(cfg.optim, self.model.parameters())
+            self.backend = (NaiveDDPBackend if variant.naive else DDPBackend).from_config(cfg, self.model, optimizer)
+            self.comm = CommCounter(world_size)
+            self.backend.ddp.register_comm_hook(self.comm, counting_allreduce)
         if variant.batch_split:
             cfg.ssgd.batch_split = variant.batch_split
         method = (
@@ -180,7 +195,8 @@ class Runner:
         from an idle device would count every kernel launch of its first phase as device time.
         """
         cuda = self.device.type == "cuda"
-        self.comm.communicate = communicate
+        if isinstance(self.comm, CommCounter):
+            self.comm.communicate = communicate
         self.model.train()
         if cuda:
             torch.cuda.synchronize(self.device)

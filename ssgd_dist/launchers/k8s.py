@@ -7,7 +7,9 @@ It is ``kubectl kustomize`` on a small kustomization layered over ``k8s/overlays
 ``images`` entry for the overlay's one image and, when ``--config``/``--set`` are given, the
 ``ssgd-config`` ConfigMap replaced by the resulting configuration. The configuration is validated
 here first, with the same errors as ``ssgd-dist train``, so a typo fails on your machine rather
-than in a pod. What kustomize does not know (node and GPU counts) stays in the overlay's files.
+than in a pod. What kustomize does not know (node and GPU counts) stays in the overlay's files;
+every world size those counts let the workload form (all of an elastic range) is checked against the
+configuration, and a range needs one whose trajectory does not depend on the world size.
 """
 
 from __future__ import annotations
@@ -22,8 +24,10 @@ from typing import Any
 
 import yaml
 
-from ..config import dump_config, override, parse_yaml_mapping, read_config_yaml
+from ..config import Config, dump_config, override, parse_yaml_mapping, read_config_yaml, validate
 from ..errors import ConfigError
+from .elastic import check_workers, parse_workers
+from .torchrun_elastic import check_node_range
 
 CONFIG_MAP = "ssgd-config"
 CONFIG_KEY = "config.yaml"
@@ -102,6 +106,39 @@ def overlay_config(objs: list[dict]) -> dict:
     raise ConfigError(f"the overlay has no ConfigMap {CONFIG_MAP!r} with {CONFIG_KEY!r} to base --set on")
 
 
+def _arg(args: list[str], flag: str) -> str | None:
+    """The value of ``--flag=V`` or ``--flag V`` in a command line."""
+    for i, arg in enumerate(args):
+        if arg.startswith(flag + "="):
+            return arg.split("=", 1)[1]
+        if arg == flag and i + 1 < len(args):
+            return args[i + 1]
+    return None
+
+
+def check_launch_sizes(objs: list[dict], cfg: Config) -> None:
+    """Refuse (exit 2) a config that a workload in ``objs`` cannot run on every world size it can form.
+
+    The sizes come from the manifests: an elastic PyTorchJob's ``elasticPolicy`` replica range times
+    ``nprocPerNode``, a RayJob's ``--num-workers`` (a number or a range MIN-MAX), the Indexed Job's
+    ``NNODES`` x ``NPROC_PER_NODE``. A range also needs a world-size-invariant configuration.
+    """
+    for obj in objs:
+        kind, name, spec = obj.get("kind"), obj["metadata"]["name"], obj.get("spec") or {}
+        if kind == "PyTorchJob" and "elasticPolicy" in spec:
+            policy, nproc = spec["elasticPolicy"], int(spec.get("nprocPerNode", 1))
+            low, high = policy.get("minReplicas", 1), policy.get("maxReplicas", 1)
+            what = f"PyTorchJob {name}: elasticPolicy minReplicas {low} to maxReplicas {high} x nprocPerNode {nproc}"
+            check_node_range(cfg, low, high, nproc, what)
+        elif kind == "RayJob" and (workers := _arg(str(spec.get("entrypoint", "")).split(), "--num-workers")):
+            check_workers(cfg, *parse_workers(workers))
+        elif kind == "Job":
+            env = {e["name"]: e.get("value") for c in spec["template"]["spec"]["containers"] for e in c.get("env", [])}
+            if str(env.get("NNODES", "")).isdigit() and str(env.get("NPROC_PER_NODE", "")).isdigit():
+                nodes, nproc = int(env["NNODES"]), int(env["NPROC_PER_NODE"])
+                check_node_range(cfg, nodes, nodes, nproc, f"Job {name}: NNODES {nodes} x NPROC_PER_NODE {nproc}")
+
+
 def render(
     overlay: str,
     image: str | None = None,
@@ -121,8 +158,8 @@ def render(
     spec: dict = {"apiVersion": "kustomize.config.k8s.io/v1beta1", "kind": "Kustomization"}
     config_text = None
     if config is not None or overrides:
-        data = read_config_yaml(config) if config is not None else overlay_config(plain)
-        config_text = dump_config(override(data, overrides))
+        cfg = override(read_config_yaml(config) if config is not None else overlay_config(plain), overrides)
+        config_text = dump_config(cfg)
         spec["configMapGenerator"] = [{"name": CONFIG_MAP, "behavior": "replace", "files": [CONFIG_KEY]}]
         spec["generatorOptions"] = {"disableNameSuffixHash": True}  # the overlays mount it by this name
     if image is not None:
@@ -132,6 +169,7 @@ def render(
                 f"--image: overlay {overlay!r} runs {len(images)} images ({', '.join(images)}); expected one to replace"
             )
         spec["images"] = [{"name": images[0], **split_image(image)}]
+    check_launch_sizes(plain, cfg if config_text is not None else validate(overlay_config(plain)))
     with tempfile.TemporaryDirectory(prefix="ssgd-k8s-") as tmp:
         root = Path(tmp).resolve()  # kustomize resolves links in its root; the relative path must agree
         spec["resources"] = [os.path.relpath(overlay_dir.resolve(), root)]  # kustomize takes no absolute paths

@@ -1,8 +1,11 @@
 """Ray Train (Train V2): the one worker function and the one ``TorchTrainer`` of the package.
 
-``launch/ray_job.py`` (one run) and ``ssgd-dist sweep --ray`` (one trainer per grid cell) both come
-here, so a run on Ray is always the torchrun loop (``ssgd_dist.train.train``) plus checkpoints Ray can
-restore. A Ray checkpoint is itself a small run directory (``config.yaml``, ``metrics.jsonl``,
+``launch/ray_job.py`` (one run) and ``ssgd-dist sweep --ray`` (one Ray Tune trial per grid cell, each
+fitting this trainer) both come here, so a run on Ray is always the torchrun loop
+(``ssgd_dist.train.train``) plus checkpoints Ray can restore. Every ``train.log_every`` window is one
+``ray.train.report`` (a barrier: every rank reports each window); the window that ends at a checkpoint
+carries it, so Ray's callbacks and Tune see the whole curve while checkpoints stay as frequent as the
+config says. A Ray checkpoint is itself a small run directory (``config.yaml``, ``metrics.jsonl``,
 ``checkpoints/last.pt``): whichever copy survives a failure, ``train`` resumes from it and ``report``
 reads it. When the storage is an object store (or a local working directory is asked for), workers
 train in a local run directory and rank 0 mirrors each snapshot to ``<storage>/<name>``.
@@ -22,8 +25,10 @@ import pyarrow.fs
 import ray
 import ray.train
 import torch.distributed as dist
-from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+from ray import tune
+from ray.train import Checkpoint, CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, UserCallback
 from ray.train.torch import TorchTrainer
+from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..analysis.flatness_run import flatness_path, measure_run
 from ..checkpoint import load_checkpoint_file
@@ -142,16 +147,12 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
         for stale in run_dir.glob(".ray-snapshot-*"):
             shutil.rmtree(stale, ignore_errors=True)
     chosen = choose_snapshot(candidates)
-    if chosen is not None and rank == 0:
-        label, snap, step = chosen
+    if chosen is not None and rank == 0:  # ``train`` says which checkpoint it resumes from
+        snap = chosen[1]
         run_dir.mkdir(parents=True, exist_ok=True)
         for fname in SNAPSHOT_FILES:  # a run directory without its files gets its history back
             if (snap / fname).exists() and not (run_dir / fname).exists():
                 atomic_copy(snap / fname, run_dir / fname)
-        print(
-            f"ssgd-dist: if the run directory has no checkpoint: resume from the {label} at step {step} ({snap})",
-            flush=True,
-        )
     if dist.is_initialized():
         dist.barrier()  # nobody reads the run directory before rank 0 has reset and restored it
     return chosen[1] / "checkpoints" / "last.pt" if chosen is not None else None
@@ -166,6 +167,10 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     """
     cfg, where, run_dir = validate(loop["config"]), loop["where"], Path(loop["where"].run_dir)
     rank = ray.train.get_context().get_world_rank()
+
+    def on_log(records: list[dict[str, Any]], checkpoint: bool) -> None:
+        if not checkpoint:  # a window that ends at a checkpoint is reported with it (``on_checkpoint``)
+            ray.train.report(scalars(records[-1]), checkpoint=None)
 
     def on_checkpoint(record: dict[str, Any], path: Path | None) -> None:
         # Every rank reports (the report is a barrier); rank 0 attaches the checkpoint.
@@ -188,7 +193,7 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     with ExitStack() as stack:
         resume_from = prepare_resume(where, rank, stack)
         try:
-            summary = train(cfg, run_dir, on_checkpoint=on_checkpoint, resume_from=resume_from)
+            summary = train(cfg, run_dir, on_checkpoint=on_checkpoint, resume_from=resume_from, on_log=on_log)
         except NonFiniteError as exc:
             if not loop["diverged_as_status"]:
                 raise
@@ -196,6 +201,63 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     if loop["flatness"] is not None and not flatness_path(run_dir).exists():
         measure_run(run_dir, loop["flatness"])  # every worker measures a shard of the samples
     return {"status": "done", **summary}
+
+
+@dataclass(frozen=True)
+class TuneRun:
+    """One trial of a Tune sweep: the run's config and location, and ``build_trainer``'s other arguments."""
+
+    config: Config
+    where: RunLocation
+    trainer: dict[str, Any]
+
+
+def tune_trial(params: dict[str, Any], runs: dict[str, TuneRun]) -> None:
+    """One Ray Tune trial: the run ``params["run"]``, fitted as the same Ray Train run as ``ray job submit``.
+
+    ``TuneReportCallback`` hands every ``ray.train.report`` to Tune, so the trial's results are the run's
+    log windows. Nothing is returned: Tune would record a return value as one more result.
+    """
+    run = runs[params["run"]]
+    build_trainer(run.config, run.where, callbacks=[TuneReportCallback()], **run.trainer).fit()
+
+
+class TrialLog(tune.Callback):
+    """One line per trial started, finished or failed, in the process that runs the sweep."""
+
+    def on_trial_start(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"{trial.config['run']}: training (Tune trial {trial.trial_id})", flush=True)
+
+    def on_trial_complete(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"{trial.config['run']}: trial finished", flush=True)
+
+    def on_trial_error(self, iteration: int, trials: list, trial: Any, **info: Any) -> None:
+        print(f"{trial.config['run']}: trial failed", flush=True)
+
+
+def run_tune(runs: dict[str, TuneRun], storage_path: str, name: str, max_concurrent: int) -> dict[str, str | None]:
+    """Fit every run as one Tune trial (a grid search over the names), at most ``max_concurrent`` at once.
+
+    The caller offers only runs that are not finished: a run's own directory, not Tune's experiment
+    state, says whether it is (Tune may be stopped after a run's last checkpoint but before it records
+    the trial as finished). An unfinished run's Ray Train run resumes from its checkpoint. A trial's own
+    process only waits for its Ray Train run, which reserves the workers, so the trial reserves no CPU
+    (Tune needs some resource: 1 MiB of memory), and ``max_concurrent`` is what keeps the runs from
+    queueing for the same CPUs or GPUs. Results (one per log window) go to ``<storage_path>/<name>``.
+    Returns each run's error (None: the trial finished).
+    """
+    trainable = tune.with_resources(tune.with_parameters(tune_trial, runs=runs), {"CPU": 0, "memory": 2**20})
+    tuner = tune.Tuner(
+        trainable,
+        param_space={"run": tune.grid_search(sorted(runs))},
+        tune_config=tune.TuneConfig(max_concurrent_trials=max_concurrent),
+        run_config=tune.RunConfig(name=name, storage_path=storage_path, verbose=0, callbacks=[TrialLog()]),
+    )
+    errors: dict[str, str | None] = {}
+    for result in tuner.fit():
+        error = result.error
+        errors[result.config["run"]] = None if error is None else f"{type(error).__name__}: {str(error)[:300]}"
+    return errors
 
 
 def connect(address: str | None = None, log_to_driver: bool = True) -> None:
@@ -209,21 +271,32 @@ def build_trainer(
     cfg: Config,
     where: RunLocation,
     *,
-    num_workers: int,
+    num_workers: int | tuple[int, int],
     use_gpu: bool = False,
     resources_per_worker: dict[str, float] | None = None,
     max_failures: int = 2,
     num_to_keep: int = 2,
+    resize_interval_s: float = 60.0,
     flatness: FlatnessOptions | None = None,
     diverged_as_status: bool = False,
+    callbacks: list[UserCallback] | None = None,
 ) -> TorchTrainer:
     """``train_worker`` on ``num_workers`` DDP workers; ``flatness``: measure the result on the same workers.
 
-    ``resources_per_worker`` None: Ray's default (1 CPU, or 1 GPU with ``use_gpu``). Fitting it again
-    with the same ``where`` resumes the run (Train V2 has no ``Trainer.restore``).
+    ``num_workers`` (MIN, MAX): elastic. Ray starts with as many workers as it can place (at least MIN),
+    restarts the group on fewer when a worker or node is lost, and, while the group is healthy, checks
+    every ``resize_interval_s`` whether it could grow; each new group resumes from the newest checkpoint.
+    The caller has checked the config for every size (``elastic.check_workers``). ``resources_per_worker``
+    None: Ray's default (1 CPU, or 1 GPU with ``use_gpu``). Fitting it again with the same ``where``
+    resumes the run (Train V2 has no ``Trainer.restore``). ``callbacks``: Ray Train callbacks, e.g. Tune's.
     """
     loop = {"config": cfg.to_dict(), "where": where, "flatness": flatness, "diverged_as_status": diverged_as_status}
-    scaling = ScalingConfig(num_workers=num_workers, use_gpu=use_gpu, resources_per_worker=resources_per_worker)
+    scaling = ScalingConfig(
+        num_workers=num_workers,
+        use_gpu=use_gpu,
+        resources_per_worker=resources_per_worker,
+        elastic_resize_monitor_interval_s=resize_interval_s,
+    )
     return TorchTrainer(
         train_worker,
         train_loop_config=loop,
@@ -233,5 +306,6 @@ def build_trainer(
             storage_path=where.storage_path,
             failure_config=FailureConfig(max_failures=max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=num_to_keep),
+            callbacks=callbacks,
         ),
     )

@@ -1,9 +1,10 @@
 """One training run on a Ray cluster: the driver behind ``launch/ray_job.py`` (``ray job submit``).
 
-A Ray Train ``TorchTrainer`` starts ``--num-workers`` workers; Ray creates the process group (gloo on
-CPU, NCCL on GPU) and each worker runs the very same loop and DDP S-SGD step as ``torchrun -m
-ssgd_dist.cli train`` (see ``launchers.ray``). Everything that can be checked here (config, launch
-rules, storage path, run directory) is, so that a mistake costs one line and exit code 2, not a cluster.
+A Ray Train ``TorchTrainer`` starts ``--num-workers`` workers (``MIN-MAX``: elastic, see
+``launchers.elastic``); Ray creates the process group (gloo on CPU, NCCL on GPU) and each worker runs
+the very same loop and DDP S-SGD step as ``torchrun -m ssgd_dist.cli train`` (see ``launchers.ray``).
+Everything that can be checked here (config, launch rules for every worker count, storage path, run
+directory) is, so that a mistake costs one line and exit code 2, not a cluster.
 
 The run directory is ``<storage-path>/<name>``, the same contract as the CLI's ``--run-dir``; Ray's own
 files (``checkpoint-step-N/``, ``checkpoint_manager_snapshot.json``) sit beside ours. With an object
@@ -25,10 +26,10 @@ from pathlib import Path
 
 import ray
 
-from ..backends import check_launch
 from ..config import Config, load_config
 from ..errors import EXIT_CONFIG, EXIT_FAILED, ConfigError
 from ..rundir import check_run_dir
+from .elastic import check_workers, parse_workers
 from .ray import RunLocation, build_trainer, connect, is_uri
 
 DEFAULT_STORAGE = "~/ray_results"
@@ -40,7 +41,18 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train one ssgd-dist run with Ray Train (TorchTrainer); submit with `ray job submit`.",
     )
     p.add_argument("--config", required=True, help="packaged config name or YAML path (relative to --working-dir)")
-    p.add_argument("--num-workers", type=int, required=True, help="training workers (= DDP ranks)")
+    p.add_argument(
+        "--num-workers",
+        required=True,
+        help="training workers (= DDP ranks): N, or MIN-MAX for an elastic run that continues on fewer workers "
+        "when some are lost (only for world-size-invariant configs)",
+    )
+    p.add_argument(
+        "--resize-interval",
+        type=float,
+        default=60.0,
+        help="elastic runs: seconds between Ray's checks whether the worker group can grow (default 60)",
+    )
     p.add_argument("--use-gpu", action="store_true", help="one GPU per worker (implies device=cuda, NCCL)")
     p.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs Ray reserves per worker (default 1)")
     p.add_argument("--gpus-per-worker", type=float, default=1.0, help="GPUs per worker with --use-gpu (default 1)")
@@ -99,8 +111,8 @@ def resolve_storage(args: argparse.Namespace, cfg: Config) -> RunLocation:
 
 def check_args(args: argparse.Namespace) -> None:
     """The flags' own rules, before Ray (or anything else) starts."""
-    if args.num_workers < 1:
-        raise ConfigError(f"--num-workers {args.num_workers}: needs at least 1 worker")
+    if not args.resize_interval >= 0:
+        raise ConfigError(f"--resize-interval {args.resize_interval}: seconds, >= 0")
     for flag, value in (("--cpus-per-worker", args.cpus_per_worker), ("--gpus-per-worker", args.gpus_per_worker)):
         if not value >= 0:  # also refuses nan
             raise ConfigError(f"{flag} {value}: must be >= 0 (the share of a CPU or GPU Ray reserves per worker)")
@@ -119,8 +131,9 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         check_args(args)
+        low, high = parse_workers(args.num_workers)
         cfg = resolve_config(args)
-        check_launch(cfg, args.num_workers)
+        check_workers(cfg, low, high)
         where = resolve_storage(args, cfg)
         if not where.mirror:
             check_run_dir(cfg, Path(where.run_dir))  # fail here, not in every worker
@@ -132,11 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     trainer = build_trainer(
         cfg,
         where,
-        num_workers=args.num_workers,
+        num_workers=low if low == high else (low, high),
         use_gpu=args.use_gpu,
         resources_per_worker=resources,
         max_failures=args.max_failures,
         num_to_keep=args.num_to_keep,
+        resize_interval_s=args.resize_interval,
     )
     print(
         f"ssgd-dist: {cfg.method} on {args.num_workers} Ray workers ({'GPU' if args.use_gpu else 'CPU'}), "
@@ -159,8 +173,10 @@ def main(argv: list[str] | None = None) -> int:
             ray.shutdown()
     summary = result.return_value or {}
     acc = summary.get("test_acc")
+    # Re-submitting a finished run trains nothing; the workers only score the final checkpoint again.
+    done = "already finished (nothing to train)" if summary.get("start_step") == summary.get("step") else "done"
     print(
-        f"ssgd-dist: done at step {summary.get('step')}: "
+        f"ssgd-dist: {done} at step {summary.get('step')}: "
         + (f"test_acc={acc:.4f} " if acc is not None else "")
         + f"run_dir={where.shown_dir} ray_checkpoint={result.checkpoint.path if result.checkpoint else None}",
         flush=True,

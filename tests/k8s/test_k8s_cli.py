@@ -8,7 +8,7 @@ import yaml
 from k8s_checks import OVERLAYS
 
 from ssgd_dist.cli import main
-from ssgd_dist.config import validate
+from ssgd_dist.config import dump_config, validate
 from ssgd_dist.errors import ConfigError
 from ssgd_dist.launchers.k8s import split_image
 
@@ -37,7 +37,12 @@ def test_image_and_overrides_reach_the_manifests_and_nothing_else_changes(render
     assert {c["image"] for c in containers(objs)} == {IMAGE}
     plain = rendered[overlay]
     assert [(o["kind"], o["metadata"]["name"]) for o in objs] == [(o["kind"], o["metadata"]["name"]) for o in plain]
-    cfg, original = validate(shipped_config(objs)), validate(shipped_config(plain))
+    # The overlay's config as the renderer writes any config (dump_config may leave out keys that act on
+    # nothing in the run), so that only the --set keys can differ.
+    cfg, original = (
+        validate(shipped_config(objs)),
+        validate(yaml.safe_load(dump_config(validate(shipped_config(plain))))),
+    )
     assert (cfg.noise.alpha, cfg.train.epochs) == (0.45, 7)
     assert cfg.model == original.model and cfg.data == original.data and cfg.device == original.device
     for obj in objs:
@@ -64,6 +69,18 @@ def test_without_options_it_is_the_overlay_itself(rendered, tmp_path):
         (["no-such-overlay"], "expected one of cpu-smoke, pytorchjob, rayjob, torchrun-job"),
         (["rayjob", "--config", "missing.yaml"], "no such file"),
         (["rayjob", "--image", "registry.internal:5000/team/ssgd-dist"], "give a version tag or a digest"),
+        # The elastic PyTorchJob forms 1 or 2 pods x 4 processes; its smallest group cannot split 3364.
+        (
+            ["pytorchjob", "--set", "data.batch_size=3364"],
+            "forms groups of 4, 8 ranks; at 4: data.batch_size = 3364: 'halves' needs every rank's batch to split "
+            "in two, so a multiple of 2 x 4 ranks = 8; nearest: 3360 or 3368; a data.batch_size that every one "
+            "of them splits: 3360 or 3376",
+        ),
+        (["pytorchjob", "--set", "model.bn_mode=local"], "model.bn_mode = local normalises each rank's slice"),
+        (["pytorchjob", "--set", "method=sam"], "re-forms on another number of ranks"),
+        (["rayjob", "--set", "data.batch_size=4096"], "--num-workers 4-8 includes 5 workers"),
+        (["rayjob", "--set", "ssgd.batch_split=paired"], "ssgd.batch_split = paired pairs the ranks"),
+        (["torchrun-job", "--set", "data.batch_size=3364"], "Job ssgd-torchrun: NNODES 2 x NPROC_PER_NODE 4"),
     ],
 )
 def test_bad_input_fails_before_anything_is_written(rendered, tmp_path, capsys, args, message):

@@ -154,8 +154,13 @@ def test_config_and_volume_are_wired(rendered, overlay, tmp_path):
     load_config(str(config))
 
 
+def arg(args, flag):
+    """The value of ``--flag=V`` in a container's args (None if absent)."""
+    return next((a.split("=", 1)[1] for a in args if a.startswith(flag + "=")), None)
+
+
 @pytest.mark.parametrize("overlay", ["torchrun-job", "cpu-smoke"])
-def test_indexed_job_rendezvous(rendered, overlay):
+def test_indexed_job_rendezvous_and_retries(rendered, overlay):
     job, svc = one(rendered[overlay], "Job"), one(rendered[overlay], "Service")
     spec, pod = job["spec"], job["spec"]["template"]["spec"]
     c = main_container(pod)
@@ -165,26 +170,44 @@ def test_indexed_job_rendezvous(rendered, overlay):
     assert pod["subdomain"] == svc["metadata"]["name"]
     labels = job["spec"]["template"]["metadata"]["labels"]
     assert svc["spec"]["selector"].items() <= labels.items()
-    assert pod["restartPolicy"] == "Never"
+    # A lost pod is retried alone; the Job fails once one index has used its retries (a fixed group
+    # cannot finish without it); evictions (drains, preemption) use none of them.
+    assert pod["restartPolicy"] == "Never" and "backoffLimit" not in spec
+    assert spec["backoffLimitPerIndex"] >= 1 and spec["maxFailedIndexes"] == 0
+    assert {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget", "status": "True"}]} in spec[
+        "podFailurePolicy"
+    ]["rules"]
+    # The c10d rendezvous on pod 0, at the port the Service and the container publish.
     args = c["args"]
-    assert "--node-rank=$(JOB_COMPLETION_INDEX)" in args
-    assert f"--master-addr={job['metadata']['name']}-0.{svc['metadata']['name']}" in args
+    port = svc["spec"]["ports"][0]["port"]
+    assert port == next(p["containerPort"] for p in c["ports"] if p["name"] == "rendezvous")
+    assert arg(args, "--rdzv-backend") == "c10d"
+    assert arg(args, "--rdzv-endpoint") == f"{job['metadata']['name']}-0.{svc['metadata']['name']}:{port}"
+    assert arg(args, "--nnodes") == "$(NNODES)" and int(arg(args, "--max-restarts")) >= 1
+    assert env_value(c, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"  # or a replaced pod cannot rejoin
     assert int(env_value(c, "NPROC_PER_NODE")) == (gpus(c) or 1)
     if overlay == "cpu-smoke":
         assert gpus(c) == 0
 
 
-def test_pytorchjob_follows_operator_conventions(rendered):
+def test_pytorchjob_is_elastic_and_its_torchrun_agrees_with_the_policy(rendered):
     job = one(rendered["pytorchjob"], "PyTorchJob")
-    replicas = job["spec"]["pytorchReplicaSpecs"]
-    assert replicas["Master"]["replicas"] == 1
-    templates = [r["template"] for r in replicas.values()]
-    assert all(t == templates[0] for t in templates), "Master and Worker pods differ"
-    c = main_container(templates[0]["spec"])
+    spec, policy = job["spec"], job["spec"]["elasticPolicy"]
+    replicas = spec["pytorchReplicaSpecs"]
+    assert set(replicas) == {"Worker"}, "elastic: every pod is a worker; worker 0 hosts the rendezvous"
+    worker = replicas["Worker"]
+    assert worker["restartPolicy"] == "OnFailure" and spec["runPolicy"]["backoffLimit"] >= 1
+    assert 1 <= policy["minReplicas"] < policy["maxReplicas"] == worker["replicas"]
+    c = main_container(worker["template"]["spec"])
     assert c["name"] == "pytorch"  # the operator finds its container by this name
-    assert int(job["spec"]["nprocPerNode"]) == gpus(c)
-    for flag in ("--nnodes=$(PET_NNODES)", "--node-rank=$(PET_NODE_RANK)", "--master-addr=$(MASTER_ADDR)"):
-        assert flag in c["args"]
+    args = c["args"]
+    assert arg(args, "--nnodes") == f"{policy['minReplicas']}:{policy['maxReplicas']}"
+    assert arg(args, "--rdzv-backend") == policy["rdzvBackend"] == "c10d"
+    assert int(arg(args, "--max-restarts")) == policy["maxRestarts"] >= 1
+    assert int(arg(args, "--nproc-per-node")) == int(spec["nprocPerNode"]) == gpus(c)
+    port = next(p["containerPort"] for p in c["ports"] if p["name"] == "pytorchjob-port")
+    assert arg(args, "--rdzv-endpoint") == f"{job['metadata']['name']}-worker-0:{port}"
+    assert env_value(c, "TORCH_DISABLE_SHARE_RDZV_TCP_STORE") == "1"  # or a pod that comes back cannot rejoin
 
 
 def test_rayjob_auth_size_and_lifecycle(rendered):
@@ -201,10 +224,13 @@ def test_rayjob_auth_size_and_lifecycle(rendered):
     workers = cluster["workerGroupSpecs"]
     for group in workers:
         assert group["minReplicas"] <= group["replicas"] <= group["maxReplicas"]
-    total_gpus = sum(g["replicas"] * gpus(main_container(g["template"]["spec"])) for g in workers)
+    # Elastic: from the GPUs of every group's minReplicas pods to those of its maxReplicas pods.
+    low, high = (
+        sum(g[n] * gpus(main_container(g["template"]["spec"])) for g in workers) for n in ("minReplicas", "maxReplicas")
+    )
     entry = spec["entrypoint"].split()
     assert "--use-gpu" in entry
-    assert int(entry[entry.index("--num-workers") + 1]) == total_gpus
+    assert entry[entry.index("--num-workers") + 1] == f"{low}-{high}" and low < high
     storage = entry[entry.index("--storage-path") + 1]
     for pod in [cluster["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in workers]:
         mounts = [m["mountPath"] for m in main_container(pod)["volumeMounts"]]

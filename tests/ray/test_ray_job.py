@@ -15,7 +15,7 @@ import pytest
 from tests.conftest import TINY as BASE
 from tests.conftest import run_cli, run_torchrun, sets
 
-pytestmark = pytest.mark.ray
+pytestmark = [pytest.mark.ray, pytest.mark.timeout(300)]
 
 WORKERS = 2
 STEPS = 6
@@ -75,6 +75,13 @@ def test_submit_two_workers_matches_torchrun(ray_cluster, torchrun_reference, tm
     report = run_cli("report", str(run_dir), "--out", str(tmp_path / "report"), timeout=120)
     assert report.returncode == 0, report.stderr
     assert "| ssgd-halves | 200 | 1 |" in (tmp_path / "report" / "report.md").read_text()
+
+    # Submitting the finished run again trains nothing and says so on one line.
+    stamp = (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns
+    again = submit_job(ray_cluster, *TINY, "--storage-path", str(storage), "--name", "equiv")
+    assert again.returncode == 0, job_output(again)
+    assert again.stdout.count("already finished (nothing to train) at step 6") == 1, job_output(again)
+    assert (run_dir / "checkpoints" / "last.pt").stat().st_mtime_ns == stamp
 
 
 @pytest.mark.parametrize(
