@@ -155,9 +155,10 @@ class Trainer:
             y = y_all[start : start + self.cfg.data.eval_batch_size].to(self.ctx.device)
             with self.backend.autocast():
                 logits = model(self.backend.cast_input(x))
-            totals[0] += self.loss_fn(logits.float(), y).double() * len(y)
-            totals[1] += (logits.argmax(1) == y).sum()
-            totals[2] += len(y)
+            if len(y):  # an empty batch only keeps the forwards in step; its mean loss would be NaN
+                totals[0] += self.loss_fn(logits.float(), y).double() * len(y)
+                totals[1] += (logits.argmax(1) == y).sum()
+                totals[2] += len(y)
         distributed.all_reduce_sum(totals)
         model.train(was_training)
         return {"test_loss": float(totals[0] / totals[2]), "test_acc": float(totals[1] / totals[2])}

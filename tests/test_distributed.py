@@ -63,17 +63,21 @@ def test_batchnorm_buffers_are_identical_on_all_ranks_only_where_ddp_or_the_trai
             assert result["buffer_mismatches_after_evaluate"] == {}, key
 
 
-def test_test_metrics_cover_the_whole_test_set_on_two_ranks(tmp_path):
-    """Each rank scores half of the test set; the reported loss and accuracy are those of the whole set,
-    computed here by hand from rank 0's weights, and what one process reports."""
+@pytest.mark.parametrize(("ranks", "eval_batch"), [(2, 64), (3, 133)])
+def test_test_metrics_cover_the_whole_test_set_on_several_ranks(tmp_path, ranks, eval_batch):
+    """Each rank scores its share of the test set; the reported loss and accuracy are those of the whole set,
+    computed here by hand from rank 0's weights, and what one process reports. On 3 ranks the 400 test
+    samples split 134/133/133, so with batches of 133 two ranks end on an empty batch (every rank makes
+    the same number of forwards)."""
     from ssgd_dist import distributed
     from ssgd_dist.config import load_config
     from ssgd_dist.data import load_dataset
     from ssgd_dist.models import build_model
     from ssgd_dist.train import Trainer
 
-    overrides = ["data.num_samples=2000", "data.batch_size=200", "data.eval_batch_size=64", "model.hidden=[32,32]"]
-    mp.start_processes(evaluate_worker, args=(2, str(tmp_path), overrides), nprocs=2, start_method="spawn")
+    overrides = ["data.num_samples=2000", "data.batch_size=204", f"data.eval_batch_size={eval_batch}"]
+    overrides.append("model.hidden=[32,32]")
+    mp.start_processes(evaluate_worker, args=(ranks, str(tmp_path), overrides), nprocs=ranks, start_method="spawn")
     per_rank = json.loads((tmp_path / "metrics.json").read_text())
     cfg = load_config("quickstart", overrides)
     data = load_dataset(cfg.data)

@@ -46,7 +46,7 @@ NOISE, METHODS, WRAPPER = "tests/test_noise.py", "tests/test_methods.py", "tests
 BASELINES, INTEGRITY = "tests/test_methods_baselines.py", "tests/test_checkpoint_integrity.py"
 RELIABILITY = "tests/test_reliability.py"
 COMM = "tests/test_distributed.py::test_ssgd_all_reduces_exactly_as_many_bytes_per_step_as_sgd"
-EVALUATE = "tests/test_distributed.py::test_test_metrics_cover_the_whole_test_set_on_two_ranks"
+EVALUATE = "tests/test_distributed.py::test_test_metrics_cover_the_whole_test_set_on_several_ranks"
 DEEPSPEED_REDUCTIONS = "tests/deepspeed/test_deepspeed.py::test_ssgd_reduces_gradients_as_often_as_sgd"
 FSDP = "tests/test_fsdp.py"
 
