@@ -29,12 +29,6 @@ RDZV_CONF = "join_timeout=60,last_call_timeout=10,keep_alive_interval=2,keep_ali
 LAUNCHER_ENV = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT", "GROUP_RANK")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def listening(port: int) -> bool:
     """Whether something (a rendezvous store) accepts connections on 127.0.0.1:PORT."""
     with socket.socket() as s:

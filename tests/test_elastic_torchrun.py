@@ -14,8 +14,8 @@ import time
 import pytest
 import torch
 
-from tests.conftest import REPO, run_torchrun, sets
-from tests.nodes import RDZV_CONF, checkpoint, free_port, kill_node, listening, start, stop_all, wait_until
+from tests.conftest import REPO, free_port, run_torchrun, sets
+from tests.nodes import RDZV_CONF, checkpoint, kill_node, listening, start, stop_all, wait_until
 
 pytestmark = [pytest.mark.distributed, pytest.mark.slow, pytest.mark.timeout(300)]
 

@@ -1,4 +1,4 @@
-"""The README's torchrun, DeepSpeed and "Reports and sharpness" examples, read from the README and run as
+"""The README's torchrun, DeepSpeed, FSDP2 and "Reports and sharpness" examples, read from the README and run as
 written, in order, in one fresh directory, each with a tiny-step suffix.
 
 The rule that decides what runs (README, "torchrun"): a ``# needs several nodes``, ``# needs GPUs`` or
@@ -16,16 +16,15 @@ from __future__ import annotations
 
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
 
-from tests.conftest import REPO
+from tests.conftest import REPO, free_port
 
-SECTIONS = ("### torchrun (one node or many)", "### DeepSpeed", "## Reports and sharpness")
+SECTIONS = ("### torchrun (one node or many)", "### DeepSpeed", "### Sharded: FSDP2", "## Reports and sharpness")
 NEEDS = re.compile(r"^# needs (several nodes|GPUs|docker)\b")
 TRAIN_SUFFIX = " --set train.max_steps=2 --set train.progress=false"
 FLATNESS_SUFFIX = " --samples 200 --draws 1 --power-iters 2 --hutchinson 2 --landscape-1d 3 --landscape-2d 2"
@@ -56,12 +55,6 @@ def commands(text: str) -> tuple[list[str], list[str]]:
             if line and not line.startswith("#"):
                 (marked if needs else run).append(line)
     return run, marked
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def with_suffix(command: str) -> str:
@@ -97,7 +90,7 @@ def test_readme_launch_and_report_examples_run_in_order_in_a_fresh_directory(tmp
         )
         assert result.returncode == 0, f"{full}\n{result.stdout[-2000:]}\n{result.stderr[-4000:]}"
     runs = tmp_path / "runs"
-    for name in ("torchrun", "ds-zero0", "ds-zero2-bf16"):
+    for name in ("torchrun", "ds-zero0", "ds-zero2-bf16", "fsdp"):
         assert (runs / name / "checkpoints" / "last.pt").is_file(), name
     assert (runs / "report" / "report.md").is_file()
     assert (runs / "torchrun" / "flatness" / "flatness.json").is_file()

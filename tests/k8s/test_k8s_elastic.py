@@ -13,7 +13,8 @@ import copy
 import pytest
 from pods import mount_config, pod_command
 
-from tests.nodes import checkpoint, free_port, kill_node, listening, start, stop_all, wait_until
+from tests.conftest import free_port
+from tests.nodes import checkpoint, kill_node, listening, start, stop_all, wait_until
 
 pytestmark = [pytest.mark.distributed, pytest.mark.timeout(300)]
 

@@ -12,8 +12,8 @@ from __future__ import annotations
 import torch
 from pods import mount_config, pod_command
 
-from tests.conftest import run_cli
-from tests.nodes import checkpoint, free_port, listening, start, stop_all, wait_until
+from tests.conftest import free_port, run_cli
+from tests.nodes import checkpoint, listening, start, stop_all, wait_until
 
 STEPS = 200
 
