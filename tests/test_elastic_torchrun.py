@@ -128,6 +128,7 @@ def test_a_lost_node_leaves_a_smaller_group_that_ends_on_the_fixed_size_result(t
     print(f"{variant}: the surviving node finished {reformed_in:.1f} s after the loss; {measured}")
 
 
+@pytest.mark.growth
 def test_a_node_that_joins_later_grows_the_group_without_changing_the_result(tmp_path, uninterrupted):
     """torchrun restarts the running workers when a node waits at the rendezvous; they resume on 2 ranks."""
     run_dir, port = tmp_path / "shared" / "run", free_port()
