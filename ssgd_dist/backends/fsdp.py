@@ -91,20 +91,13 @@ class FSDPBackend(Backend):
         over the sharded ones (``optimizer`` only says that one is wanted)."""
         device = next(model.parameters()).device
         mesh = init_device_mesh(device.type, (torch.distributed.get_world_size(),))
-        bf16 = cfg.train.precision == "bf16"
-        policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32) if bf16 else None
-        kwargs = {"mesh": mesh, **({"mp_policy": policy} if policy else {})}
-        for unit in reversed(shard_units(model, cfg.fsdp.wrap)):
-            fully_shard(unit, **kwargs)
-        fully_shard(model, **kwargs)
-        return cls(
-            model,
-            build_optimizer(cfg.optim, model.parameters()),
-            precision=cfg.train.precision,
-            clip_grad_norm=cfg.optim.clip_grad_norm,
-            on_nonfinite=cfg.train.on_nonfinite,
-            micro_steps=cfg.train.accumulation_steps,
-        )
+        if cfg.train.precision == "bf16":
+            policy = MixedPrecisionPolicy(param_dtype=torch.bfloat16, reduce_dtype=torch.float32)
+        else:
+            policy = MixedPrecisionPolicy()  # fp32 throughout: fully_shard's own default
+        for unit in [*reversed(shard_units(model, cfg.fsdp.wrap)), model]:
+            fully_shard(unit, mesh=mesh, mp_policy=policy)
+        return super().from_config(cfg, model, build_optimizer(cfg.optim, model.parameters()))
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts the gathered weights and the inputs

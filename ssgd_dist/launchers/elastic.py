@@ -34,6 +34,16 @@ def not_world_size_invariant(cfg: Config) -> str | None:
     return why
 
 
+def first_refused_size(cfg: Config, sizes: list[int]) -> tuple[int, ConfigError] | None:
+    """The first world size in ``sizes`` that ``backends.check_launch`` refuses for ``cfg``, and why; or None."""
+    for size in sizes:
+        try:
+            check_launch(cfg, size)
+        except ConfigError as exc:
+            return size, exc
+    return None
+
+
 def check_workers(cfg: Config, low: int, high: int) -> None:
     """Refuse (``ConfigError``) a worker count or range that ``cfg`` cannot run on, before anything starts."""
     if low != high:
@@ -43,10 +53,9 @@ def check_workers(cfg: Config, low: int, high: int) -> None:
                 f"--num-workers {low}-{high}: an elastic run resumes on another number of ranks, which changes "
                 f"this run's trajectory: {why}; or give a fixed number of workers"
             )
-    for size in range(low, high + 1):
-        try:
-            check_launch(cfg, size)
-        except ConfigError as exc:
-            if low == high:
-                raise
-            raise ConfigError(f"--num-workers {low}-{high} includes {size} workers: {exc}") from None
+    refused = first_refused_size(cfg, list(range(low, high + 1)))
+    if refused is not None:
+        size, exc = refused
+        if low == high:
+            raise exc
+        raise ConfigError(f"--num-workers {low}-{high} includes {size} workers: {exc}") from None

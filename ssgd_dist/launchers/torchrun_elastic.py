@@ -8,20 +8,14 @@ range (``ssgd-dist k8s`` rendering an elastic PyTorchJob) checks every size befo
 
 from __future__ import annotations
 
-from ..backends import check_launch
 from ..config import Config
 from ..errors import ConfigError
-from .elastic import not_world_size_invariant
+from .elastic import first_refused_size, not_world_size_invariant
 
 
 def _splits(cfg: Config, batch: int, sizes: list[int]) -> bool:
     candidate = cfg.model_copy(update={"data": cfg.data.model_copy(update={"batch_size": batch})})
-    try:
-        for size in sizes:
-            check_launch(candidate, size)
-    except ConfigError:
-        return False
-    return True
+    return first_refused_size(candidate, sizes) is None
 
 
 def _nearest_batches(cfg: Config, sizes: list[int]) -> str:
@@ -47,13 +41,13 @@ def check_node_range(cfg: Config, min_nodes: int, max_nodes: int, nproc: int, wh
             f"changes this run's trajectory: {why}; or use a fixed number of nodes"
         )
     sizes = [nodes * nproc for nodes in range(min_nodes, max_nodes + 1)]
-    for size in sizes:
-        try:
-            check_launch(cfg, size)
-        except ConfigError as exc:
-            if len(sizes) == 1:
-                raise ConfigError(f"{what}: {exc}") from None
-            raise ConfigError(
-                f"{what} forms groups of {', '.join(map(str, sizes))} ranks; at {size}: {exc}; "
-                f"a data.batch_size that every one of them splits: {_nearest_batches(cfg, sizes)}"
-            ) from None
+    refused = first_refused_size(cfg, sizes)
+    if refused is None:
+        return
+    size, exc = refused
+    if len(sizes) == 1:
+        raise ConfigError(f"{what}: {exc}") from None
+    raise ConfigError(
+        f"{what} forms groups of {', '.join(map(str, sizes))} ranks; at {size}: {exc}; "
+        f"a data.batch_size that every one of them splits: {_nearest_batches(cfg, sizes)}"
+    ) from None
