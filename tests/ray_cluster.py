@@ -333,3 +333,13 @@ def start_cluster(
     except BaseException:
         cluster.stop()
         raise
+
+
+def sweep_on_ray_command(grid: Path, out: Path, *options: str) -> list[str]:
+    """``ssgd-dist sweep GRID --out OUT --ray auto OPTIONS``, as a subprocess's argv."""
+    return [sys.executable, "-m", "ssgd_dist.cli", "sweep", str(grid), "--out", str(out), "--ray", "auto", *options]
+
+
+def sweep_env(cluster) -> dict[str, str]:
+    """The environment of a sweep driver that joins ``cluster`` (``--ray auto``)."""
+    return {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "OMP_NUM_THREADS": "1"}

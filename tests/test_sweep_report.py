@@ -233,36 +233,19 @@ def test_packaged_grids_expand():
 def test_sweep_on_a_local_ray_cluster(tmp_path):
     """The same grid cell as concurrent Ray Train jobs (2 workers each) on a real local cluster."""
     import subprocess
-    import sys
 
-    from tests.ray_cluster import start_cluster  # the ray marker: tests/conftest.py requires Ray
+    # the ray marker: tests/conftest.py requires Ray
+    from tests.ray_cluster import start_cluster, sweep_env, sweep_on_ray_command
 
     grid = tmp_path / "tiny.yaml"
     grid.write_text(GRID)
     out = tmp_path / "out"
     cluster = start_cluster(num_cpus=2, log_dir=tmp_path / "ray-logs")
     try:
+        options = ["--workers", "2", "--batch-sizes", "64", "--methods", "sgd", "--max-concurrent", "1"]
         proc = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "ssgd_dist.cli",
-                "sweep",
-                str(grid),
-                "--out",
-                str(out),
-                "--ray",
-                "auto",
-                "--workers",
-                "2",
-                "--batch-sizes",
-                "64",
-                "--methods",
-                "sgd",
-                "--max-concurrent",
-                "1",
-            ],
-            env={**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "OMP_NUM_THREADS": "1"},
+            sweep_on_ray_command(grid, out, *options),
+            env=sweep_env(cluster),
             capture_output=True,
             text=True,
             timeout=600,

@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -18,6 +17,7 @@ import pytest
 
 from ssgd_dist.metrics import read_metrics
 from tests.conftest import REPO
+from tests.ray_cluster import sweep_env, sweep_on_ray_command
 
 pytestmark = [pytest.mark.ray, pytest.mark.slow, pytest.mark.timeout(300)]
 
@@ -39,25 +39,7 @@ WINDOWS = [2, 4, 6, 8]
 
 
 def sweep_command(grid: Path, out: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "ssgd_dist.cli",
-        "sweep",
-        str(grid),
-        "--out",
-        str(out),
-        "--ray",
-        "auto",
-        "--workers",
-        "1",
-        "--max-concurrent",
-        "2",
-    ]
-
-
-def sweep_env(cluster) -> dict[str, str]:
-    return {**cluster.env, "RAY_ADDRESS": cluster.gcs_address, "OMP_NUM_THREADS": "1"}
+    return sweep_on_ray_command(grid, out, "--workers", "1", "--max-concurrent", "2")
 
 
 def started(output: str) -> list[str]:
