@@ -147,6 +147,7 @@ def test_a_node_that_joins_later_grows_the_group_without_changing_the_result(tmp
     print(f"grown group: {assert_same_params(final, reference, alone)}")
 
 
+@pytest.mark.growth  # a second node joins the running one: the same race as the growth test
 def test_a_group_size_that_cannot_split_the_batch_is_refused_when_the_group_reforms(tmp_path):
     """torchrun does not tell the workers the --nnodes range: each (re)rendezvous checks its own size.
 
