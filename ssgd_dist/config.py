@@ -264,7 +264,11 @@ class TrainConfig(_Section):
         False, description="recompute BatchNorm running statistics at w (no noise) before each evaluation"
     )
     bn_recalibrate_samples: int = Field(2048, ge=1, description="training examples used by bn_recalibrate")
-    keep_checkpoints: int = Field(2, ge=1, description="newest step-N.pt files kept (older ones are deleted)")
+    keep_checkpoints: int = Field(
+        2,
+        ge=1,
+        description="newest checkpoints kept, step-N.pt files or step-N.dcp directories (older ones are deleted)",
+    )
     crash_at_step: int | None = Field(
         None, ge=1, description="testing only: the last rank SIGKILLs itself once at this step"
     )
@@ -286,6 +290,12 @@ class FSDPConfig(_Section):
         default_factory=list,
         description="class names of the modules sharded as one unit each (their parameters are gathered together); "
         "empty: every direct child of the model that holds parameters. The root is always sharded last.",
+    )
+    checkpoint: Literal["sharded", "full"] = Field(
+        "sharded",
+        description="sharded: each rank writes its own shards (step-N.dcp/, torch.distributed.checkpoint), and "
+        "the run's last checkpoint is also the plain last.pt; full: every checkpoint is gathered to rank 0 "
+        "into a plain step-N.pt",
     )
 
 

@@ -40,6 +40,7 @@ RESUMABLE_DIFFERENCES = {
     ("train", "num_threads"),
     ("train", "keep_checkpoints"),
     ("train", "log_every"),
+    ("fsdp", "checkpoint"),  # either format resumes a run written in the other
 }
 # What every checkpoint ``Trainer.state_dict`` writes holds.
 REQUIRED_KEYS = ("model", "optimizer", "step", "torch_rng", "config")

@@ -25,7 +25,15 @@ from tqdm import tqdm
 from . import distributed
 from .backends import build_backend, check_launch
 from .bn import convert_batchnorm, recalibrate_bn, synchronize_running_stats
-from .checkpoint import find_latest, save_checkpoint, try_candidate
+from .checkpoint import (
+    find_latest,
+    prepare_staging,
+    publish_sharded,
+    read_sharded_meta,
+    save_checkpoint,
+    staging_path,
+    try_candidate,
+)
 from .config import Config, dump_config
 from .data import Dataset, GlobalBatches, augment_images, load_dataset
 from .errors import ConfigError, NonFiniteError, Stopped
@@ -78,14 +86,21 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
+        return {**self.backend.state_dict(), **self.run_state()}
+
+    def run_state(self) -> dict[str, Any]:
+        """What a checkpoint holds besides the model and the optimizer."""
         return {
-            **self.backend.state_dict(),
             "step": self.step,
             "skipped": self.skipped,
             "world_size": self.ctx.world_size,
             "torch_rng": torch.get_rng_state(),
             "config": json.dumps(self.cfg.to_dict()),
         }
+
+    def _read_sharded(self, path: Path) -> dict[str, Any]:
+        meta = read_sharded_meta(path)
+        return {**meta, **self.backend.load_sharded(path, meta)}
 
     def _resume(self, resume_from: Path | None) -> None:
         """Resume from the newest checkpoint of this run (``rundir.checkpoint_problem`` turns down the
@@ -96,10 +111,10 @@ class Trainer:
         def accept(state: dict[str, Any]) -> str | None:
             return checkpoint_problem(state, self.cfg, model_state)
 
-        found = find_latest(self.run_dir, map_location=self.ctx.device, accept=accept)
+        found = find_latest(self.run_dir, self.ctx.device, accept, self._read_sharded)
         state, path = found.state, found.path
         if state is None and resume_from is not None:
-            state, reason = try_candidate(Path(resume_from), None, self.ctx.device, accept)
+            state, reason = try_candidate(Path(resume_from), None, self.ctx.device, accept, self._read_sharded)
             if state is None:
                 found.skipped.append((Path(resume_from), reason))
             path = resume_from
@@ -269,10 +284,20 @@ class Trainer:
     def _checkpoint(self, record: dict[str, Any], hook: CheckpointHook | None) -> None:
         path = None
         synchronize_running_stats(self.backend.model)  # a collective: the checkpoint holds every rank's statistics
-        # A backend with sharded state (DeepSpeed ZeRO 1/2) gathers it collectively: every rank calls in.
-        state = self.state_dict() if self.ctx.is_main or getattr(self.backend, "collective_state_dict", False) else None
-        if self.ctx.is_main:
-            path = save_checkpoint(self.run_dir, state, self.step, self.cfg.train.keep_checkpoints)
+        keep = self.cfg.train.keep_checkpoints
+        if self.backend.sharded_checkpoints and self.step < self.total_steps:
+            # Every rank writes its own shards; the run's last checkpoint is the plain file (below).
+            staging = prepare_staging(self.run_dir, self.step) if self.ctx.is_main else None
+            distributed.barrier()  # the staging directory exists, emptied, before anyone writes into it
+            rest = self.backend.save_sharded(staging_path(self.run_dir, self.step))
+            if self.ctx.is_main:
+                path = publish_sharded(staging, {**self.run_state(), **rest}, keep)
+        else:
+            # A backend with sharded state (ZeRO 1/2, FSDP2) gathers it collectively: every rank calls in.
+            collective = getattr(self.backend, "collective_state_dict", False)
+            state = self.state_dict() if self.ctx.is_main or collective else None
+            if self.ctx.is_main:
+                path = save_checkpoint(self.run_dir, state, self.step, keep)
         distributed.barrier()
         if hook is not None:
             hook(record, path)

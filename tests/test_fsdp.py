@@ -107,21 +107,32 @@ def test_noise_holds_one_shard_with_copy_and_nothing_with_regenerate(runs):
 ARGS = ["train", "--config", "quickstart", *TINY, *sets("train.epochs=2", "train.checkpoint_every=3", "backend=fsdp")]
 
 
-def test_a_sharded_run_stopped_at_four_ranks_resumes_at_two(tmp_path):
-    full = run_torchrun(2, *ARGS, "--run-dir", str(tmp_path / "full"))
+@pytest.mark.parametrize("checkpoint", ["sharded", "full"])
+def test_a_sharded_run_stopped_at_four_ranks_resumes_at_two(tmp_path, checkpoint):
+    args = [*ARGS, "--set", f"fsdp.checkpoint={checkpoint}"]
+    full = run_torchrun(2, *args, "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
-    crashed = run_torchrun(4, *ARGS, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
+    crashed = run_torchrun(4, *args, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
     assert crashed.returncode != 0
-    assert torch.load(tmp_path / "resumed/checkpoints/last.pt", weights_only=True)["step"] == 6
-    resumed = run_torchrun(2, *ARGS, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
+    ckpts = tmp_path / "resumed/checkpoints"
+    if checkpoint == "sharded":  # each of the 4 ranks wrote its own shards; nothing was gathered
+        assert not (ckpts / "last.pt").exists()
+        shards = ckpts / "step-00000006.dcp"
+        assert {p.name for p in shards.iterdir()} == {f"__{r}_0.distcp" for r in range(4)} | {".metadata", "meta.pt"}
+        assert torch.load(shards / "meta.pt", weights_only=True)["step"] == 6
+    else:
+        assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 6
+    resumed = run_torchrun(2, *args, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
     assert resumed.returncode == 0, resumed.stderr
-    assert "resumed from" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"step-00000006.{'dcp' if checkpoint == 'sharded' else 'pt'}" in (
+        resumed.stdout
+    )
     a, b = final_params(tmp_path / "full"), final_params(tmp_path / "resumed")
     assert a.keys() == b.keys()
     assert max(float((a[k] - b[k]).abs().max()) for k in a) < TOL
 
     # last.pt is the plain contract: the unwrapped model's state dict, loaded without unpickling code
-    cfg = load_config("quickstart", [*ARGS[3:][1::2]])
+    cfg = load_config("quickstart", [*args[3:][1::2]])
     data = load_dataset(cfg.data)
     model = build_model(cfg.model, data.input_shape, data.num_classes)
     model.load_state_dict(final_params(tmp_path / "resumed"), strict=True)

@@ -49,6 +49,7 @@ COMM = "tests/test_distributed.py::test_ssgd_all_reduces_exactly_as_many_bytes_p
 EVALUATE = "tests/test_distributed.py::test_test_metrics_cover_the_whole_test_set_on_several_ranks"
 DEEPSPEED_REDUCTIONS = "tests/deepspeed/test_deepspeed.py::test_ssgd_reduces_gradients_as_often_as_sgd"
 FSDP = "tests/test_fsdp.py"
+SHARDED = "tests/test_sharded_checkpoint.py"
 
 MUTATIONS = (
     # -- sharded parameters (FSDP2) ----------------------------------------------------------------------
@@ -333,10 +334,26 @@ MUTATIONS = (
     Mutation(
         "checkpoint-last-without-checksum",
         "ssgd_dist/checkpoint.py",
-        "    manifest[LAST] = digest\n",
-        "    pass  # mutation\n",
+        "_record(ckpt_dir, path, digest, num_to_keep, {LAST: digest})",
+        "_record(ckpt_dir, path, digest, num_to_keep)",
         (INTEGRITY,),
         "last.pt is not in the manifest: a damaged last.pt is only caught if it fails to load",
+    ),
+    Mutation(
+        "sharded-metadata-unpickled-freely",
+        "ssgd_dist/backends/dcp.py",
+        "        if not allowed:\n",
+        "        if False:\n",
+        (f"{SHARDED}::test_metadata_that_carries_pickled_code_is_refused_without_running_it",),
+        "a sharded checkpoint's .metadata can run arbitrary code when resumed from",
+    ),
+    Mutation(
+        "sharded-checksum-of-names-only",
+        "ssgd_dist/checkpoint.py",
+        "as_posix()}\\0{sha256_of(file)}",
+        "as_posix()}",
+        (f"{SHARDED}::test_a_damaged_directory_fails_its_checksum_and_the_older_one_is_used",),
+        "a truncated shard passes the directory's checksum",
     ),
     Mutation(
         "checkpoint-oldest-first",

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -146,6 +147,18 @@ class Backend:
         self.optimizer.load_state_dict(state["optimizer"])
         if self.scaler is not None and "scaler" in state:
             self.scaler.load_state_dict(state["scaler"])
+
+    # Whether this run's checkpoints are sharded directories (``save_sharded``) rather than plain files.
+    sharded_checkpoints = False
+
+    def save_sharded(self, path: Path) -> dict:
+        """Write this rank's shards into ``path`` (a collective); return the plain rest rank 0 keeps beside them."""
+        raise NotImplementedError(f"{type(self).__name__} writes plain checkpoints only")
+
+    def load_sharded(self, path: Path, meta: dict) -> dict:
+        """Load the sharded checkpoint ``path`` (with its plain part ``meta``) into the model and optimizer
+        (a collective); return the loaded state as a checkpoint dict for ``load_state_dict``."""
+        raise NotImplementedError("a sharded checkpoint (torch.distributed.checkpoint) is read only with backend=fsdp")
 
     # -- the shared algorithm --------------------------------------------------------------------
     def autocast(self) -> contextlib.AbstractContextManager:

@@ -24,15 +24,24 @@ unreduced gradient (SAM) is refused: FSDP2 keeps it in its own unsharded buffers
 ranks forward at different weights (``paired``, RWP's rank split): the ranks' perturbed shards would be
 gathered into one mixed set of weights that every rank then uses.
 
-Checkpoints keep the plain contract (``model`` is the unwrapped module's state dict, loadable with
-``torch.load(weights_only=True)``): the full state is gathered to rank 0 on the CPU (a collective), and
-on resume every rank reads the file and keeps its own rows, so a run resumes on any world size.
-The optimizer state is saved keyed by parameter name (``torch.distributed.checkpoint.state_dict``).
+Checkpoints (``fsdp.checkpoint``):
+
+* ``sharded`` (the default): every checkpoint but the run's last is a directory ``step-N.dcp/`` in
+  which each rank writes its own shards with ``torch.distributed.checkpoint`` (no gather, nothing
+  whole on any rank), read back resharded to any world size. The run's final checkpoint is also the
+  plain file below, so ``report``, ``flatness`` and users' code read ``last.pt`` as from any backend.
+* ``full``: every checkpoint is the plain file: the full state gathered to rank 0 on the CPU (a
+  collective), ``model`` the unwrapped module's state dict, loadable with
+  ``torch.load(weights_only=True)``. On resume every rank reads the file and keeps its own rows.
+
+Both resume on any world size, and either resumes a run that wrote the other. The optimizer state is
+keyed by parameter name (``torch.distributed.checkpoint.state_dict``).
 """
 
 from __future__ import annotations
 
 import contextlib
+from pathlib import Path
 
 import torch
 from torch import nn
@@ -50,8 +59,10 @@ from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceS
 from ..config import Config
 from ..errors import ConfigError
 from ..methods import Method
+from ..noise import is_sharded
 from ..optimizers import build_optimizer
 from .base import Backend
+from .dcp import load_tensors, save_tensors
 
 
 def shard_units(model: nn.Module, wrap: list[str]) -> list[nn.Module]:
@@ -97,7 +108,9 @@ class FSDPBackend(Backend):
             policy = MixedPrecisionPolicy()  # fp32 throughout: fully_shard's own default
         for unit in [*reversed(shard_units(model, cfg.fsdp.wrap)), model]:
             fully_shard(unit, mesh=mesh, mp_policy=policy)
-        return super().from_config(cfg, model, build_optimizer(cfg.optim, model.parameters()))
+        backend = super().from_config(cfg, model, build_optimizer(cfg.optim, model.parameters()))
+        backend.sharded_checkpoints = cfg.fsdp.checkpoint == "sharded"
+        return backend
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return contextlib.nullcontext()  # MixedPrecisionPolicy casts the gathered weights and the inputs
@@ -119,10 +132,29 @@ class FSDPBackend(Backend):
         }
 
     def load_state_dict(self, state: dict) -> None:
-        """Every rank holds the whole checkpoint and keeps its own rows: any world size resumes."""
-        options = StateDictOptions(full_state_dict=True)
+        """A plain checkpoint: every rank holds the whole of it and keeps its own rows (any world size
+        resumes). A sharded one (``load_sharded``) holds this rank's shards already."""
+        options = StateDictOptions(full_state_dict=not any(is_sharded(t) for t in state["model"].values()))
         set_model_state_dict(self.model, state["model"], options=options)
         set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=options)
+
+    def _sharded_state(self) -> tuple[dict, dict]:
+        """(model, optimizer) state dicts of this rank's shards, keyed by name; the optimizer's state is
+        created first if no step has made it, so a template to load into has every tensor."""
+        return get_model_state_dict(self.model), get_optimizer_state_dict(self.model, self.optimizer)
+
+    def save_sharded(self, path: Path) -> dict:
+        model, optimizer = self._sharded_state()
+        save_tensors({"model": model, "optimizer": optimizer["state"]}, path)
+        return {"param_groups": optimizer["param_groups"]}
+
+    def load_sharded(self, path: Path, meta: dict) -> dict:
+        """Load in place: the template's tensors are the model's own shards, so a checkpoint turned down
+        after loading has already moved them (the next candidate, or the refusal to start, follows)."""
+        model, optimizer = self._sharded_state()
+        tensors = {"model": model, "optimizer": optimizer["state"]}
+        load_tensors(tensors, path)
+        return {"model": model, "optimizer": {"state": tensors["optimizer"], "param_groups": meta["param_groups"]}}
 
 
 class CountingReduceScatter(DefaultReduceScatter):

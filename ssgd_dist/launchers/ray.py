@@ -6,9 +6,10 @@ fitting this trainer) both come here, so a run on Ray is always the torchrun loo
 ``ray.train.report`` (a barrier: every rank reports each window); the window that ends at a checkpoint
 carries it, so Ray's callbacks and Tune see the whole curve while checkpoints stay as frequent as the
 config says. A Ray checkpoint is itself a small run directory (``config.yaml``, ``metrics.jsonl``,
-``checkpoints/last.pt``): whichever copy survives a failure, ``train`` resumes from it and ``report``
-reads it. When the storage is an object store (or a local working directory is asked for), workers
-train in a local run directory and rank 0 mirrors each snapshot to ``<storage>/<name>``.
+``checkpoints/last.pt``, or ``checkpoints/last.dcp/`` for a sharded checkpoint): whichever copy survives
+a failure, ``train`` resumes from it and ``report`` reads it. When the storage is an object store (or a
+local working directory is asked for), workers train in a local run directory and rank 0 mirrors each
+snapshot to ``<storage>/<name>``.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from ray.train.torch import TorchTrainer
 from ray.tune.integration.ray_train import TuneReportCallback
 
 from ..analysis.flatness_run import flatness_path, measure_run
-from ..checkpoint import load_checkpoint_file
+from ..checkpoint import load_checkpoint_file, read_sharded_meta
 from ..config import Config, FlatnessOptions, validate
 from ..errors import NonFiniteError
 from ..files import atomic_copy
@@ -39,8 +40,10 @@ from ..metrics import scalars
 from ..rundir import LOCK
 from ..train import train
 
-# What a Ray checkpoint holds besides ``checkpoints/last.pt``: the run directory minus older checkpoints.
+# What a Ray checkpoint holds besides its checkpoint: the run directory minus older checkpoints.
 SNAPSHOT_FILES = ("config.yaml", "metrics.jsonl")
+# A snapshot's checkpoint: a plain file, or a sharded checkpoint's directory.
+SNAPSHOT_CHECKPOINTS = ("checkpoints/last.pt", "checkpoints/last.dcp")
 
 
 @dataclass(frozen=True)
@@ -74,36 +77,52 @@ def storage_location(storage_path: str, name: str) -> tuple[pyarrow.fs.FileSyste
     return fs, f"{base.rstrip('/')}/{name}"
 
 
+def _link_or_copy(src: str, dst: str) -> None:
+    try:
+        os.link(src, dst)  # same file system: free
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
 def write_snapshot(run_dir: Path, ckpt_path: Path, dest: Path) -> None:
     """A run directory holding only the newest checkpoint: what a Ray checkpoint contains."""
     (dest / "checkpoints").mkdir(parents=True, exist_ok=True)
     for fname in SNAPSHOT_FILES:
         if (run_dir / fname).exists():
             shutil.copyfile(run_dir / fname, dest / fname)
-    target = dest / "checkpoints" / "last.pt"
-    try:
-        os.link(ckpt_path, target)  # same file system: free
-    except OSError:
-        shutil.copyfile(ckpt_path, target)
+    if ckpt_path.is_dir():
+        shutil.copytree(ckpt_path, dest / SNAPSHOT_CHECKPOINTS[1], copy_function=_link_or_copy)
+    else:
+        _link_or_copy(str(ckpt_path), str(dest / SNAPSHOT_CHECKPOINTS[0]))
 
 
 def download_run_dir(storage_path: str, name: str, dest: Path) -> Path:
-    """Copy ``<storage>/<name>``'s snapshot files (those that exist) into ``dest``."""
+    """Copy ``<storage>/<name>``'s snapshot files and checkpoint (those that exist) into ``dest``."""
     fs, base = storage_location(storage_path, name)
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in (*SNAPSHOT_FILES, "checkpoints/last.pt"):
-        if fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.File:
-            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
+    for rel in (*SNAPSHOT_FILES, *SNAPSHOT_CHECKPOINTS):
+        kind = fs.get_file_info(f"{base}/{rel}").type
+        if kind != pyarrow.fs.FileType.NotFound:
+            # A directory is copied into an existing one; a file's folder must exist.
+            (dest / rel if kind == pyarrow.fs.FileType.Directory else (dest / rel).parent).mkdir(
+                parents=True, exist_ok=True
+            )
             pyarrow.fs.copy_files(f"{base}/{rel}", str(dest / rel), source_filesystem=fs)
     return dest
 
 
+def snapshot_checkpoint(snapshot: Path) -> Path | None:
+    """A snapshot's checkpoint (file or sharded directory), if it has one."""
+    return next((snapshot / rel for rel in SNAPSHOT_CHECKPOINTS if (snapshot / rel).exists()), None)
+
+
 def checkpoint_step(snapshot: Path) -> int | None:
-    """The step of a snapshot's ``checkpoints/last.pt``; None if missing or unreadable."""
-    path = snapshot / "checkpoints" / "last.pt"
+    """The step of a snapshot's checkpoint; None if missing or unreadable."""
+    path = snapshot_checkpoint(snapshot)
     try:
-        return int(load_checkpoint_file(path)["step"]) if path.is_file() else None
-    except Exception:  # noqa: BLE001 - truncated or corrupt: not a candidate
+        state = read_sharded_meta(path) if path.is_dir() else load_checkpoint_file(path)
+        return int(state["step"])
+    except Exception:  # noqa: BLE001 - missing, truncated or corrupt: not a candidate
         return None
 
 
@@ -155,7 +174,7 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
                 atomic_copy(snap / fname, run_dir / fname)
     if dist.is_initialized():
         dist.barrier()  # nobody reads the run directory before rank 0 has reset and restored it
-    return chosen[1] / "checkpoints" / "last.pt" if chosen is not None else None
+    return snapshot_checkpoint(chosen[1]) if chosen is not None else None
 
 
 def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
