@@ -289,8 +289,11 @@ def _same_file(a: Path, b: Path) -> bool:
 
 
 def load_latest(
-    run_dir: Path, map_location: str | torch.device = "cpu", accept: Accept | None = None
+    run_dir: Path,
+    map_location: str | torch.device = "cpu",
+    accept: Accept | None = None,
+    read_sharded: ReadSharded | None = None,
 ) -> tuple[dict[str, Any], Path] | None:
     """The newest usable checkpoint and its path (``find_latest``), or None."""
-    found = find_latest(run_dir, map_location, accept)
+    found = find_latest(run_dir, map_location, accept, read_sharded)
     return (found.state, found.path) if found.state is not None else None

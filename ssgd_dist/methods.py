@@ -20,7 +20,7 @@ from torch import nn
 
 from .config import Config
 from .errors import ConfigError
-from .noise import Perturber, alpha_at, held, noise_generator, select_targets, unit_for
+from .noise import Perturber, alpha_at, held, held_filter_norms, noise_generator, select_targets, unit_for
 
 Part = Literal["all", "even", "odd"]
 
@@ -294,20 +294,13 @@ class RWP(Method):
 
 def filter_noise(params: list[torch.Tensor], gamma: float, seed: int, step: int):
     """RWP's noise for the elements this rank holds, one tensor at a time: N(0, 1) from the step's noise
-    stream, times gamma * ||filter||_2 (a 1-D tensor is one filter). Under sharding a filter (a row) is
-    whole on one rank; a sharded 1-D tensor's norm sums its shards' squares."""
+    stream, times gamma * ||filter||_2 (an output row; a 1-D tensor is one filter). The norms are the whole
+    tensors' (``held_filter_norms``: a filter that shards split sums its squares over the ranks)."""
     targets = [held(p) for p in params]
+    norms = held_filter_norms(targets, [h.local for h in targets], [len(h.shape) > 1 for h in targets])
     gen = noise_generator(seed, step, targets[0].local.device)
-    for h in targets:
-        w = h.local.detach()
-        if w.ndim > 1 or h.rows is None:
-            flat = w.float().flatten(1) if w.ndim > 1 else w.float().view(1, -1)
-            norm = torch.linalg.vector_norm(flat, dim=1).to(w.dtype).view(-1, *([1] * (w.ndim - 1)))
-        else:
-            squares = w.float().square().sum()
-            torch.distributed.all_reduce(squares, group=h.group)
-            norm = squares.sqrt().to(w.dtype)
-        yield unit_for(h, "gaussian", gen).mul_(norm * gamma)
+    for h, norm in zip(targets, norms):
+        yield unit_for(h, "gaussian", gen).mul_(norm.to(h.local.dtype) * gamma)
 
 
 METHODS: dict[str, type[Method]] = {m.name: m for m in (SGD, SSGD, GNI, SmoothOut, SAM, NSO, RWP)}

@@ -37,7 +37,7 @@ def select_targets(model: nn.Module, targets: str) -> list[nn.Parameter]:
     if targets == "all":
         return params
     if targets == "weights":
-        return [p for p in params if p.ndim >= 2]
+        return [p for p in params if len(whole_shape(p)) >= 2]
     raise ValueError(f"noise.targets = {targets!r}: expected 'weights' or 'all'")
 
 
@@ -164,16 +164,36 @@ def alpha_at(alpha: float, schedule: str, fraction: float, step: int, total_step
 
 @dataclass(frozen=True)
 class Held:
-    """The elements of one target tensor that this rank holds: all of it, or (FSDP2) a block of its rows.
+    """The elements of one target tensor that this rank holds: all of it, a block of its rows (FSDP2), or a
+    range of its flattened elements (DeepSpeed ZeRO-3).
 
-    ``local`` is the tensor this rank updates in place; ``shape`` the whole tensor's; ``rows`` the
-    dim-0 rows of the whole tensor that ``local`` holds (None: ``local`` is the whole tensor).
+    ``local`` is the tensor this rank updates in place; ``shape`` the whole tensor's; ``rows`` the dim-0 rows
+    of the whole tensor that ``local`` holds; ``flat`` the elements of the whole tensor flattened that
+    ``local`` (1-D) holds. Both None: ``local`` is the whole tensor.
     """
 
     local: torch.Tensor
     shape: torch.Size
     rows: slice | None = None
     group: dist.ProcessGroup | None = None
+    flat: slice | None = None
+
+    @property
+    def sharded(self) -> bool:
+        return self.rows is not None or self.flat is not None
+
+    def take(self, whole: torch.Tensor) -> torch.Tensor:
+        """This rank's elements of a tensor shaped like the whole one, shaped like ``local``."""
+        if self.rows is not None:
+            return whole[self.rows]
+        if self.flat is not None:
+            return whole.reshape(-1)[self.flat]
+        return whole
+
+    def splits(self, per_row: bool) -> bool:
+        """Whether a filter (an output row if ``per_row``, else the whole tensor) may be split between ranks:
+        FSDP2 keeps every row whole on one rank, ZeRO-3 cuts the flattened tensor anywhere."""
+        return self.flat is not None or (self.rows is not None and not per_row)
 
 
 def _loaded_dtensor():
@@ -187,14 +207,50 @@ def is_sharded(t: torch.Tensor) -> bool:
     return module is not None and isinstance(t, module.DTensor)
 
 
+def is_zero3(t: torch.Tensor) -> bool:
+    """A parameter partitioned by DeepSpeed ZeRO-3: ``t.data`` is an empty placeholder outside forward and
+    backward, and ``t.ds_tensor`` this rank's partition of the flattened tensor."""
+    return getattr(t, "ds_tensor", None) is not None and hasattr(t, "ds_shape")
+
+
+def whole_shape(t: torch.Tensor) -> torch.Size:
+    """The shape of the whole tensor, also for a ZeRO-3 parameter (whose own ``shape`` is its placeholder's)."""
+    return t.ds_shape if is_zero3(t) else t.shape
+
+
 def whole(t: torch.Tensor) -> torch.Tensor:
     """``t`` itself, or the whole value of a distributed tensor (a collective)."""
     return t.full_tensor() if is_sharded(t) else t
 
 
+def _zero3_held(p: torch.Tensor) -> Held:
+    """ZeRO-3 (deepspeed/runtime/zero/partition_parameters.py, ``_partition_param``): rank r of the
+    parameter's group holds flat elements [r P, (r + 1) P) of the flattened tensor in ``ds_tensor``
+    (P = ``ds_tensor.numel()``, the numel rounded up to a multiple of the group size, divided by it); the
+    last ranks' tail past ``ds_numel`` is padding, left out of ``local`` so it is never touched. A gathered
+    parameter would forward with its gathered copy, not with the partition: it is refused, as is a
+    partition that is not in memory (NVMe offload)."""
+    # Statuses by name (DeepSpeed's ZeroParamStatus, PartitionedParamStatus): noise does not import DeepSpeed.
+    if p.ds_status.name != "NOT_AVAILABLE" or getattr(p, "ds_secondary_tensor", None) is not None:
+        raise ValueError(
+            f"weight noise on a ZeRO-3 parameter of shape {tuple(p.ds_shape)} that is gathered ({p.ds_status}) or has "
+            "a secondary partition: the next forward would not see its partition's noise (the backend sets "
+            "stage3_param_persistence_threshold=0, stage3_max_reuse_distance=0, stage3_prefetch_bucket_size=0)"
+        )
+    if p.ds_tensor.status.name != "AVAILABLE":
+        raise ValueError(f"weight noise on a ZeRO-3 partition that is not in memory ({p.ds_tensor.status})")
+    size, numel = p.ds_tensor.numel(), p.ds_numel
+    start = min(dist.get_rank(group=p.ds_process_group) * size, numel)
+    stop = min(start + size, numel)
+    return Held(p.ds_tensor.narrow(0, 0, stop - start), p.ds_shape, group=p.ds_process_group, flat=slice(start, stop))
+
+
 def held(p: torch.Tensor) -> Held:
     """What this rank holds of ``p``: FSDP2 shards dim 0 in ``torch.chunk`` blocks (the last ones may be
-    short or empty); any other distributed layout is refused rather than perturbed wrongly."""
+    short or empty), ZeRO-3 a range of the flattened elements; any other distributed layout is refused
+    rather than perturbed wrongly."""
+    if is_zero3(p):
+        return _zero3_held(p)
     if not is_sharded(p):
         return Held(p, p.shape)
     Shard = _loaded_dtensor().Shard
@@ -213,45 +269,80 @@ def held(p: torch.Tensor) -> Held:
 
 
 def unit_for(h: Held, distribution: str, gen: torch.Generator) -> torch.Tensor:
-    """A new xi for ``h``'s elements. A shard gets its rows of the whole tensor's draw: the same values an
+    """A new xi for ``h``'s elements. A shard gets its elements of the whole tensor's draw: the same values an
     unsharded run adds there, for a transient one tensor in size (torch's generators cannot skip ahead)."""
-    if h.rows is None:
+    if not h.sharded:
         xi = torch.empty_like(h.local)
         sample_unit_([xi], distribution, gen)
         return xi
     whole = torch.empty(h.shape, dtype=h.local.dtype, device=h.local.device)
     sample_unit_([whole], distribution, gen)
-    return whole[h.rows]
+    return h.take(whole)
 
 
 def fill_unit_(targets: list[Held], distribution: str, gen: torch.Generator) -> None:
     """xi into every target's held elements, in order (whole tensors in place, with batched maps)."""
-    if all(h.rows is None for h in targets):
+    if not any(h.sharded for h in targets):
         sample_unit_([h.local for h in targets], distribution, gen)
         return
     for h in targets:
         h.local.copy_(unit_for(h, distribution, gen))
 
 
+def _filter_numel(shape: torch.Size, per_row: bool) -> int:
+    return max(1, math.prod(shape[1:]) if per_row else math.prod(shape))
+
+
+def held_filter_norms(targets: list[Held], ws: list[torch.Tensor], per_row: list[bool]) -> list[torch.Tensor]:
+    """The L2 norm of every filter of the whole tensors, shaped to broadcast over each target's held elements
+    ``ws``: per output row (``per_row``; a row of a ZeRO-3 partition gets its row's norm element by element),
+    else one for the whole tensor. Accumulated in at least fp32.
+
+    Filters held whole here are normed locally; the others (a tensor's total over its shards, a row that
+    ZeRO-3 cuts between two ranks) sum their squares over the shard group: one all-reduce of one vector,
+    all targets' filters together.
+    """
+    dtype = torch.float64 if any(w.dtype == torch.float64 for w in ws) else torch.float32
+    out: list[torch.Tensor | None] = [None] * len(targets)
+    split: list[tuple[int, torch.Tensor, torch.Tensor | None]] = []  # (target, squares per filter, row of each element)
+    for i, (h, w, rows) in enumerate(zip(targets, ws, per_row, strict=True)):
+        w = w.detach().to(dtype)
+        if not h.splits(rows):
+            out[i] = (
+                torch.linalg.vector_norm(w.flatten(1), dim=1).view(-1, *([1] * (w.ndim - 1)))
+                if rows
+                else torch.linalg.vector_norm(w)
+            )
+        elif rows:  # ZeRO-3: the row of each held element
+            row = torch.arange(h.flat.start, h.flat.stop, device=w.device) // _filter_numel(h.shape, True)
+            squares = torch.zeros(h.shape[0], dtype=dtype, device=w.device).index_add_(0, row, w.square())
+            split.append((i, squares, row))
+        else:
+            split.append((i, w.square().sum().reshape(1), None))
+    if split:
+        groups = {id(targets[i].group) for i, _, _ in split}
+        if len(groups) != 1:
+            raise ValueError("weight noise over tensors sharded over several process groups")
+        squares = torch.cat([s for _, s, _ in split])
+        dist.all_reduce(squares, group=targets[split[0][0]].group)
+        for (i, _, row), norms in zip(split, squares.split([s.numel() for _, s, _ in split])):
+            norms = norms.sqrt()
+            out[i] = norms[row] if row is not None else norms.reshape(())
+    return out
+
+
 def held_sigmas(targets: list[Held], ws: list[torch.Tensor], rule: str, alpha: float) -> list:
     """``noise_sigmas`` of the whole tensors, from the held elements ``ws`` (unperturbed) of each target.
 
-    Per-element and per-row rules need nothing beyond a shard (FSDP2 keeps every row whole on one rank).
-    A whole-tensor RMS (``layer_rms``; ``filter_norm`` of a 1-D tensor) sums the shards' squares: one
-    small all-reduce over the shard group.
+    Per-element rules need nothing beyond a shard, nor do per-row ones where every row is whole on one rank
+    (FSDP2). A filter that shards split (a whole-tensor RMS: ``layer_rms``, ``filter_norm`` of a 1-D tensor;
+    a ZeRO-3 row) sums its shards' squares (``held_filter_norms``: one small all-reduce).
     """
-    sharded = [h for h in targets if h.rows is not None]
-    whole_rule = rule == "layer_rms" or (rule == "filter_norm" and any(len(h.shape) < 2 for h in targets))
-    if not sharded or not whole_rule:
+    per_row = [rule == "filter_norm" and len(h.shape) >= 2 for h in targets]
+    if rule not in ("layer_rms", "filter_norm") or not any(h.splits(r) for h, r in zip(targets, per_row)):
         return noise_sigmas(ws, rule, alpha)
-    if len(sharded) != len(targets) or len({id(h.group) for h in sharded}) != 1:
-        raise ValueError("weight noise over a mix of sharded and whole tensors, or over several shard groups")
-    squares = torch.stack([n.square() for n in _norms(ws)])
-    dist.all_reduce(squares, group=sharded[0].group)
-    rms = [(sq / max(1, math.prod(h.shape))).sqrt() for sq, h in zip(squares, targets)]
-    if rule == "layer_rms":
-        return [r * alpha for r in rms]
-    return [noise_scale(w, rule) * alpha if len(h.shape) >= 2 else r * alpha for w, h, r in zip(ws, targets, rms)]
+    norms = held_filter_norms(targets, ws, per_row)
+    return [n * (alpha / math.sqrt(_filter_numel(h.shape, r))) for n, h, r in zip(norms, targets, per_row)]
 
 
 class Perturber:
@@ -264,8 +355,8 @@ class Perturber:
     the mirror point and back, one tensor at a time; w is then restored to within rounding
     (docs/performance.md measures the drift), not bit-for-bit.
 
-    Sharded parameters (FSDP2) are handled alike on the elements this rank holds (``Held``): the
-    backup, and everything else held, is one shard.
+    Sharded parameters (FSDP2, DeepSpeed ZeRO-3) are handled alike on the elements this rank holds
+    (``Held``): the backup, and everything else held, is one shard.
     """
 
     def __init__(self, params: list[torch.Tensor], restore: str = "copy"):
@@ -279,7 +370,8 @@ class Perturber:
         self.active = False
 
     def _held(self) -> list[Held]:
-        # Looked up at every use: FSDP2 may rebind a parameter's local shard when it (re)initialises.
+        # Looked up at every use: FSDP2 may rebind a parameter's local shard when it (re)initialises, and
+        # ZeRO-3 moves its partitions into the optimizer's flat buffers.
         return [held(p) for p in self.params]
 
     def _locals(self) -> list[torch.Tensor]:

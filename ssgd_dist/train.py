@@ -275,8 +275,9 @@ class Trainer:
         """One device flag: whether every floating-point tensor of the model is finite on every rank (queued,
         not read: ``StepLog.read`` reads it with the window's scalars). Ranks can differ (per-rank BatchNorm
         statistics), so the flag is all-reduced: every rank stops together."""
-        state = self.backend.model.state_dict().values()
-        tensors = [held(t).local for t in state if t.is_floating_point()]
+        model = self.backend.model
+        # The elements each rank holds (a shard under FSDP2 and ZeRO-3): nothing is gathered.
+        tensors = [t for t in (*(held(p).local for p in model.parameters()), *model.buffers()) if t.is_floating_point()]
         bad = (~torch.stack([torch.isfinite(t).all() for t in tensors]).all()).float().reshape(1)
         distributed.all_reduce_sum(bad)
         return bad[0] == 0

@@ -9,9 +9,11 @@ from __future__ import annotations
 import pytest
 import torch
 
+from ssgd_dist.analysis.flatness_run import measure_run
 from ssgd_dist.backends import check_launch
+from ssgd_dist.backends.dcp import read_whole_model
 from ssgd_dist.backends.fsdp import shard_units
-from ssgd_dist.config import load_config
+from ssgd_dist.config import FlatnessOptions, load_config
 from ssgd_dist.data import load_dataset
 from ssgd_dist.errors import ConfigError
 from ssgd_dist.models import build_model
@@ -109,7 +111,7 @@ ARGS = ["train", "--config", "quickstart", *TINY, *sets("train.epochs=2", "train
 
 @pytest.mark.parametrize("checkpoint", ["sharded", "full"])
 def test_a_sharded_run_stopped_at_four_ranks_resumes_at_two(tmp_path, checkpoint):
-    args = [*ARGS, "--set", f"fsdp.checkpoint={checkpoint}"]
+    args = [*ARGS, *sets(f"fsdp.checkpoint={checkpoint}", "train.keep_checkpoints=10")]
     full = run_torchrun(2, *args, "--run-dir", str(tmp_path / "full"))
     assert full.returncode == 0, full.stderr
     crashed = run_torchrun(4, *args, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))
@@ -120,6 +122,18 @@ def test_a_sharded_run_stopped_at_four_ranks_resumes_at_two(tmp_path, checkpoint
         shards = ckpts / "step-00000006.dcp"
         assert {p.name for p in shards.iterdir()} == {f"__{r}_0.distcp" for r in range(4)} | {".metadata", "meta.pt"}
         assert torch.load(shards / "meta.pt", weights_only=True)["step"] == 6
+        # Read whole in one process (what ``flatness`` does): 4 ranks' shards and 2 ranks' give one model.
+        like = final_params(tmp_path / "full")
+        a = read_whole_model(shards, like)["model"]
+        b = read_whole_model(tmp_path / "full/checkpoints/step-00000006.dcp", like)["model"]
+        assert max(float((a[k] - b[k]).abs().max()) for k in like) < TOL
+        assert max(float((a[k] - like[k]).abs().max()) for k in like) > 1e-3  # step 6, not the end
+        # ``flatness`` on a run stopped before its plain last.pt: the newest sharded checkpoint, read whole
+        quick = FlatnessOptions(
+            samples=200, radii=(0.01,), draws=1, power_iters=0, hutchinson=0, landscape_1d=0, landscape_2d=0
+        )
+        measured = measure_run(tmp_path / "resumed", quick, figures=False)
+        assert measured["step"] == 6 and measured["checkpoint"].endswith("step-00000006.dcp")
     else:
         assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 6
     resumed = run_torchrun(2, *args, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))

@@ -27,7 +27,11 @@ def cfg(**sections):
         (cfg(ssgd={"batch_split": "paired"}), 3, "needs an even number of ranks"),
         (cfg(backend="local"), 2, "backend = local with 2 ranks"),
         (cfg(method="sam", backend="deepspeed"), 2, "method = sam with backend = deepspeed"),
-        (cfg(backend="deepspeed", deepspeed={"zero_stage": 3}), 2, "deepspeed.zero_stage = 3"),
+        (
+            cfg(backend="deepspeed", deepspeed={"zero_stage": 3}, ssgd={"batch_split": "paired"}),
+            2,
+            "ZeRO-3 ranks gather one shared set of weights",
+        ),
         (
             cfg(model={"name": "cnn1d", "bn_mode": "ghost", "bn_ghost_batch": 24}, data={"batch_size": 256}),
             2,

@@ -19,6 +19,7 @@ from typing import Any
 import torch
 
 from .. import distributed, safe_yaml
+from ..backends.dcp import read_whole_model
 from ..checkpoint import load_checkpoint_file, load_latest
 from ..config import FlatnessOptions, load_config
 from ..data import load_dataset
@@ -61,20 +62,30 @@ def measure_run(
         torch.set_num_threads(cfg.train.num_threads)
     ctx = distributed.setup(cfg.device)
     try:
+        data = load_dataset(cfg.data)
+        seed_initial_weights(cfg.seed)
+        model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
+        like = model.state_dict()
+
+        def read_sharded(path: Path) -> dict[str, Any]:  # a sharded (FSDP) checkpoint, whole in this process
+            return read_whole_model(path, like)
+
         if checkpoint is not None:
-            if not Path(checkpoint).is_file():
-                raise ConfigError(f"flatness --checkpoint {checkpoint}: no such file")
-            state, ckpt_path = load_checkpoint_file(Path(checkpoint), map_location=ctx.device), Path(checkpoint)
+            checkpoint = Path(checkpoint)
+            if not checkpoint.exists():
+                raise ConfigError(f"flatness --checkpoint {checkpoint}: no such file or directory")
+            if checkpoint.is_dir():
+                state = read_sharded(checkpoint)
+            else:
+                state = load_checkpoint_file(checkpoint, map_location=ctx.device)
+            ckpt_path = checkpoint
         else:
-            found = load_latest(run_dir, map_location=ctx.device)
+            found = load_latest(run_dir, map_location=ctx.device, read_sharded=read_sharded)
             if found is None:
                 raise ConfigError(
                     f"flatness: {run_dir} has no checkpoint yet (train it first, or pass --checkpoint FILE)"
                 )
             state, ckpt_path = found
-        data = load_dataset(cfg.data)
-        seed_initial_weights(cfg.seed)
-        model = build_model(cfg.model, data.input_shape, data.num_classes).to(ctx.device)
         problem = _state_mismatch(model.state_dict(), state.get("model"))
         if problem:
             raise ConfigError(

@@ -22,6 +22,7 @@ from torch.distributed.checkpoint.api import CheckpointException
 from torch.distributed.checkpoint.default_planner import DefaultLoadPlanner
 from torch.distributed.checkpoint.filesystem import FileSystemReader, FileSystemWriter
 
+from ..checkpoint import read_sharded_meta
 from ..files import raise_if_disk_full
 
 _ALLOWED = {
@@ -98,3 +99,12 @@ def load_tensors(state: dict[str, Any], path: Path) -> None:
     """
     with _failures_as_errors("reading", Path(path)):
         dcp.load(state, storage_reader=SafeReader(path), planner=TensorsOnlyPlanner())
+
+
+def read_whole_model(path: Path, like: dict[str, torch.Tensor]) -> dict[str, Any]:
+    """A sharded checkpoint's plain part and its model as whole tensors in this process (``flatness``, or
+    your own code): DCP reshards to any layout, also to none. ``like`` (the model's ``state_dict``) gives
+    the names, shapes and dtypes."""
+    model = {name: torch.empty_like(t) for name, t in like.items()}
+    load_tensors({"model": model}, path)
+    return {**read_sharded_meta(path), "model": model}

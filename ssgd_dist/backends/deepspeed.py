@@ -9,9 +9,10 @@ How one optimizer step runs (two passes for S-SGD ``halves``/``full``, one for t
   (passes x ``train.accumulation_steps``); ``set_gradient_accumulation_boundary(False)`` before every
   backward but the last and ``(True)`` before the last, so the engine reduces only in the last one.
   Measured: one reduction per step.
-* ``sync: coalesce`` (ZeRO 2): ZeRO-2 reduces in every backward, boundary or not (two reductions per
-  S-SGD step with the trick above), so the passes run inside ``engine.coalesce_grad_reduction()``
-  (``gradient_accumulation_steps: 1``): gradients stay local and the block's exit reduces once.
+* ``sync: coalesce`` (ZeRO 2 and 3): ZeRO-2 and ZeRO-3 reduce in every backward, boundary or not (two
+  reductions per S-SGD step with the trick above, measured), so the passes run inside
+  ``engine.coalesce_grad_reduction()`` (``gradient_accumulation_steps: 1``): gradients stay local and the
+  block's exit reduces once.
   A DeepSpeed without that API falls back to ``boundary`` with a warning (two reductions per step).
 
 Losses go to ``engine.backward(loss * pass.loss_weight / k, scale_wrt_gas=False)``: the engine does not
@@ -23,11 +24,21 @@ Weights: under ZeRO 1/2 the module's parameters are views into one flat buffer, 
 subtraction) moves exactly the weights the engine forwards with, and puts bf16 weights back bit for
 bit. The fp32 master weights live in DeepSpeed's optimizer and are never perturbed.
 
-ZeRO-3 partitions the parameters themselves (``p.data`` is an empty placeholder outside forward), so
-the noise would have to be applied shard by shard; that is not implemented: ``zero_stage: 3`` is
-refused with a configuration error (exit code 2). A method that ``needs_local_gradient`` (SAM) is
-refused too: it reads this rank's *unreduced* gradient in ``p.grad``, which DeepSpeed's ZeRO and
-bf16 optimizers move into their own buffers.
+ZeRO-3 partitions the parameters themselves: ``p.data`` is an empty placeholder outside forward and
+backward, and rank r holds flat elements [r P, (r+1) P) of each flattened parameter in ``p.ds_tensor``.
+The ``Perturber`` moves exactly those elements, by the values the unsharded run adds there
+(``noise.held``; scales that span ranks sum their squares in one small all-reduce), and restores them by
+copy. For the next forward to gather the perturbed partitions, no parameter may stay gathered between
+passes: the generated config sets ``stage3_param_persistence_threshold``, ``stage3_max_reuse_distance``
+and ``stage3_prefetch_bucket_size`` to 0 (``deepspeed.extra`` may not set them; with DeepSpeed's defaults
+the small and the reused parameters stay gathered, and ``noise.held`` refuses to perturb them). That
+costs ZeRO-3 its overlap of gathers with compute. A method whose ranks forward at different weights
+(``paired``, RWP's rank split) is refused: the ranks gather one shared set of weights. hpZ, MiCS and
+parameter offload (other copies of the weights) are refused.
+
+A method that ``needs_local_gradient`` (SAM) is refused on every stage: it reads this rank's
+*unreduced* gradient in ``p.grad``, which DeepSpeed's ZeRO and bf16 optimizers move into their own
+buffers.
 
 DeepSpeed counts micro-steps and samples its own way (the boundary trick makes it count twice);
 the trainer's own step counter is the one that matters, and nothing here reads DeepSpeed's.
@@ -36,8 +47,11 @@ Checkpoints (``state_dict``) are plain tensors, loadable with ``torch.load(weigh
 ``model`` is the module's state dict with every parameter as its fp32 master weight; ``optimizer``
 is the base optimizer's ``torch.optim`` state dict (per-parameter state, gathered from the ZeRO
 partitions), the same format the DDP backend writes; ZeRO 0 with bf16 stores DeepSpeed's own
-(plain) fp16-optimizer state dict instead. Gathering ZeRO 1/2 state is a collective, so every rank
-calls ``state_dict()`` (``collective_state_dict``); the trainer saves rank 0's copy.
+(plain) fp16-optimizer state dict instead. Gathering ZeRO 1/2/3 state is a collective, so every rank
+calls ``state_dict()`` (``collective_state_dict``); the trainer saves rank 0's copy. Resuming sets each
+rank's partitions from the full tensors, so any world size resumes. Under ZeRO-3 the module's own
+``state_dict()`` gathers the weights too (a hook replaces the placeholders; a collective): the trainer
+checks a checkpoint's shapes against it.
 """
 
 from __future__ import annotations
@@ -55,9 +69,10 @@ from torch import nn
 from ..config import Config
 from ..errors import ConfigError, NonFiniteError
 from ..methods import Method, method_class
+from ..noise import held, is_zero3, whole_shape
 from .base import Backend, StepResult
 
-SUPPORTED_STAGES = (0, 1, 2)
+SUPPORTED_STAGES = (0, 1, 2, 3)
 SYNC_MODES = ("boundary", "coalesce")
 # Keys of the DeepSpeed config that the backend derives itself; ``deepspeed.extra`` may not set them.
 OWNED_KEYS = {
@@ -68,10 +83,24 @@ OWNED_KEYS = {
     "scheduler": "optim.schedule (the trainer sets the LR at every step)",
     "gradient_clipping": "optim.clip_grad_norm",
 }
+# ZeRO-3 keys the backend sets (or refuses) so that every parameter is partitioned whenever the noise moves it:
+# the next forward then gathers the perturbed partitions. A parameter kept gathered (persistent, reused,
+# prefetched) would forward with its stale gathered copy; a secondary (hpZ) or MiCS partition is another copy.
+ZERO3_KEYS = {
+    "stage3_param_persistence_threshold": 0,
+    "stage3_max_reuse_distance": 0,
+    "stage3_prefetch_bucket_size": 0,
+}
+ZERO3_REFUSED = {
+    "zero_hpz_partition_size": "ZeRO++ hpZ forwards from a secondary copy of the partitions",
+    "mics_shard_size": "MiCS shards over its own groups, which the noise does not know",
+    "offload_param": "the noise moves the in-memory partition; offloaded partitions are not supported",
+}
 
 
 def default_sync_mode(zero_stage: int) -> str:
-    """The mode that gives one gradient reduction per optimizer step (measured; see docs/deepspeed.md)."""
+    """The mode that gives one gradient reduction per optimizer step (measured; see docs/deepspeed.md): ZeRO 2
+    and 3 reduce in every backward, accumulation boundary or not, so they coalesce."""
     return "coalesce" if zero_stage >= 2 else "boundary"
 
 
@@ -105,14 +134,12 @@ def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
             f"set deepspeed.zero_stage={extra_stage} instead"
         )
     if stage not in SUPPORTED_STAGES:
-        raise ConfigError(
-            f"deepspeed.zero_stage = {stage}: ZeRO-3 partitions the parameters, and S-SGD's shard-aware weight noise "
-            "is not implemented on DeepSpeed; supported: deepspeed.zero_stage=0, 1 or 2 (fp32 or bf16), "
-            "or backend=fsdp for sharded parameters"
-        )
+        raise ConfigError(f"deepspeed.zero_stage = {stage}: supported: deepspeed.zero_stage=0, 1, 2 or 3")
     for key, owner in OWNED_KEYS.items():
         if key in extra:
             raise ConfigError(f"deepspeed.extra.{key}: set by the backend from {owner}; remove it from deepspeed.extra")
+    if stage == 3:
+        check_zero3(cfg, method, extra.get("zero_optimization") or {})
     if method.needs_local_gradient:
         raise ConfigError(
             f"method = {cfg.method} with backend = deepspeed: its second pass needs this rank's unreduced gradient "
@@ -129,6 +156,31 @@ def check_deepspeed_config(cfg: Config, method: type[Method]) -> None:
         )
 
 
+def check_zero3(cfg: Config, method: type[Method], zero: dict[str, Any]) -> None:
+    """What ZeRO-3's partitioned parameters cannot run: the noise moves this rank's partition, so every
+    rank must forward at the same weights, and the partition must be what the next forward gathers."""
+    if method.weights_differ_by_rank(cfg):
+        raise ConfigError(
+            f"method = {cfg.method} with deepspeed.zero_stage = 3: its ranks forward at different weights in one pass "
+            "(ssgd.batch_split=paired, rwp.split=ranks), but ZeRO-3 ranks gather one shared set of weights; "
+            "use ssgd.batch_split=halves (or rwp.split=passes), or deepspeed.zero_stage=0, 1 or 2"
+        )
+    for key in ZERO3_KEYS:
+        if key in zero:
+            raise ConfigError(
+                f"deepspeed.extra.zero_optimization.{key}: set to {ZERO3_KEYS[key]} by the backend under ZeRO-3 (a "
+                "parameter kept gathered between passes would not forward with its noise); remove it"
+            )
+    for key, why in ZERO3_REFUSED.items():
+        value = zero.get(key)
+        if isinstance(value, dict):
+            value = value.get("device", "none")
+        if value not in (None, 0, 1, -1, "none"):
+            raise ConfigError(
+                f"deepspeed.extra.zero_optimization.{key} = {value!r} with deepspeed.zero_stage = 3: {why}; remove it"
+            )
+
+
 def uses_bf16(cfg: Config) -> bool:
     return bool(cfg.deepspeed.bf16 or cfg.train.precision == "bf16" or _enabled(cfg.deepspeed.extra.get("bf16")))
 
@@ -143,7 +195,10 @@ def build_ds_config(cfg: Config, world_size: int, sync_mode: str, clip_in_engine
         "train_micro_batch_size_per_gpu": micro,
         "gradient_accumulation_steps": gas,
         "train_batch_size": micro * gas * world_size,
-        "zero_optimization": {"stage": cfg.deepspeed.zero_stage},
+        "zero_optimization": {
+            "stage": cfg.deepspeed.zero_stage,
+            **(ZERO3_KEYS if cfg.deepspeed.zero_stage == 3 else {}),
+        },
         "zero_allow_untested_optimizer": True,  # the torch SGD/AdamW/LARS built from optim.*
         "steps_per_print": 1 << 62,
         "wall_clock_breakdown": False,
@@ -171,7 +226,7 @@ def _import_deepspeed(device: torch.device):
 
 
 class DeepSpeedBackend(Backend):
-    """S-SGD on a DeepSpeed engine (ZeRO 0/1/2, fp32 or bf16), one gradient reduction per step."""
+    """S-SGD on a DeepSpeed engine (ZeRO 0 to 3, fp32 or bf16), one gradient reduction per step."""
 
     check_config = staticmethod(check_deepspeed_config)
 
@@ -214,7 +269,7 @@ class DeepSpeedBackend(Backend):
             raise ConfigError(f"sync_mode = {self.sync_mode!r}: expected one of {', '.join(SYNC_MODES)}")
         if self.sync_mode == "coalesce" and self.zero_stage == 0:
             raise ConfigError(
-                "sync_mode = coalesce needs ZeRO 1 or 2 (DeepSpeed's coalesce_grad_reduction); use boundary"
+                "sync_mode = coalesce needs ZeRO 1, 2 or 3 (DeepSpeed's coalesce_grad_reduction); use boundary"
             )
 
         device = next(model.parameters()).device
@@ -248,6 +303,10 @@ class DeepSpeedBackend(Backend):
         self.optimizer = self.engine.optimizer
         self.device_type = device.type
         self.collective_state_dict = self.zero_stage > 0
+        if self.zero_stage == 3:
+            # The module's own state_dict would hold ZeRO-3's empty placeholders; the trainer reads it (shapes to
+            # check a checkpoint against), so it holds the gathered weights instead (a collective).
+            self.model.register_state_dict_post_hook(gather_zero3_parameters)
 
     # -- Backend hooks -----------------------------------------------------------------------------
     @property
@@ -283,7 +342,7 @@ class DeepSpeedBackend(Backend):
             group["lr"] = lr
 
     def step_scope(self) -> contextlib.AbstractContextManager:
-        """ZeRO-2 reduces in every backward: coalescing keeps both passes local until the scope exits."""
+        """ZeRO-2/3 reduce in every backward: coalescing keeps both passes local until the scope exits."""
         return self.engine.coalesce_grad_reduction() if self.sync_mode == "coalesce" else contextlib.nullcontext()
 
     def optimizer_step(self) -> StepResult:
@@ -307,6 +366,8 @@ class DeepSpeedBackend(Backend):
     def _partitioned_groups(self) -> list[tuple[list[nn.Parameter], torch.Tensor]] | None:
         """(parameters, this rank's flat fp32 partition) per group, for optimizers that partition state."""
         opt = self.engine.optimizer
+        if hasattr(opt, "fp32_partitioned_groups_flat"):  # ZeRO-3 (DeepSpeedZeroOptimizer_Stage3), fp32 or bf16
+            return list(zip(opt.fp16_groups, opt.fp32_partitioned_groups_flat))
         if hasattr(opt, "single_partition_of_fp32_groups"):  # ZeRO 1/2 (DeepSpeedZeroOptimizer)
             return list(zip(opt.bit16_groups, opt.single_partition_of_fp32_groups))
         if hasattr(opt, "fp32_groups_flat_partition"):  # ZeRO 1 + bf16 with fp32 accumulation (BF16_Optimizer)
@@ -314,7 +375,7 @@ class DeepSpeedBackend(Backend):
         return None
 
     def state_dict(self) -> dict:
-        """Plain tensors only. Collective under ZeRO 1/2: every rank must call it, in step."""
+        """Plain tensors only. Collective under ZeRO 1/2/3: every rank must call it, in step."""
         model_state = {k: v.detach().clone() for k, v in self.model.state_dict().items()}
         if self.plain:
             return {"model": model_state, "optimizer": self.engine.optimizer.state_dict()}
@@ -362,18 +423,62 @@ class DeepSpeedBackend(Backend):
             offset += len(params)
         return {"state": state, "param_groups": param_groups}
 
+    def _load_module_state(self, model_state: dict) -> None:
+        """The module's weights and buffers from full tensors. ZeRO-3: each rank copies its partition's
+        elements into its partition (``noise.held``); buffers are not partitioned."""
+        if self.zero_stage < 3:
+            self.model.load_state_dict(model_state)  # copies into the engine's (flat-buffer) parameters
+            return
+        params = dict(self.model.named_parameters())
+        missing, unexpected = self.model.load_state_dict(
+            {k: v for k, v in model_state.items() if k not in params}, strict=False
+        )
+        absent = sorted(set(missing) - set(params) | set(params) - set(model_state))
+        if unexpected or absent:
+            raise RuntimeError(f"the checkpoint does not fit the model: unexpected keys {unexpected}, missing {absent}")
+        with torch.no_grad():
+            for name, p in params.items():
+                h = held(p)
+                h.local.copy_(h.take(model_state[name].to(h.local.device)))
+
+    def _set_master(self, p: nn.Parameter, value: torch.Tensor, key: str | None = None) -> None:
+        """The fp32 master weight (``key`` None) or optimizer state ``key`` of ``p`` from its full value.
+
+        ZeRO-3's own full-tensor setter slices the value at rank x partition size, which runs past the end of
+        a tensor whose size does not divide by the ranks; the local setter gets the padded partition instead.
+        """
+        from deepspeed.utils import (
+            safe_set_full_fp32_param,
+            safe_set_full_optimizer_state,
+            safe_set_local_fp32_param,
+            safe_set_local_optimizer_state,
+        )
+
+        value = value.to(p.device, torch.float32)
+        if self.zero_stage < 3:
+            if key is None:
+                safe_set_full_fp32_param(p, value)
+            else:
+                safe_set_full_optimizer_state(p, value, key)
+            return
+        h = held(p)
+        partition = torch.zeros(p.ds_tensor.numel(), dtype=torch.float32, device=p.device)
+        partition[: h.local.numel()] = h.take(value)
+        if key is None:
+            safe_set_local_fp32_param(p, partition)
+        else:
+            safe_set_local_optimizer_state(p, partition, key)
+
     def load_state_dict(self, state: dict) -> None:
         model_state, opt_state = state["model"], state["optimizer"]
-        self.model.load_state_dict(model_state)  # copies into the engine's (flat-buffer) parameters
+        self._load_module_state(model_state)
         groups = self._partitioned_groups()
         if groups is None:  # ZeRO 0: the torch optimizer, or DeepSpeed's fp16/bf16 one (restores masters too)
             self.engine.optimizer.load_state_dict(opt_state)
             return
-        from deepspeed.utils import safe_set_full_fp32_param, safe_set_full_optimizer_state
-
         for p in self._opt_params:
             if self._names[id(p)] in model_state:
-                safe_set_full_fp32_param(p, model_state[self._names[id(p)]].to(p.device, torch.float32))
+                self._set_master(p, model_state[self._names[id(p)]])
         saved = {int(k): v for k, v in opt_state.get("state", {}).items()}
         index_of = {id(p): i for i, p in enumerate(self._opt_params)}
         base = self.engine.optimizer.optimizer
@@ -387,18 +492,31 @@ class DeepSpeedBackend(Backend):
             for key, value in saved[index_of[id(owner)]].items():
                 if key in flat_state:
                     continue
-                if torch.is_tensor(value) and value.shape == owner.shape:
+                if torch.is_tensor(value) and value.shape == whole_shape(owner):
                     flat_state[key] = torch.zeros_like(flat)
                 elif torch.is_tensor(value):
                     # torch keeps Adam's step on the CPU unless the optimizer is capturable or fused
                     flat_state[key] = value.detach().clone().to("cpu" if key == "step" else flat.device)
                 else:
                     flat_state[key] = value
-        self.engine.optimizer._hp_optimizer_states_linked = False
-        self.engine.optimizer._lazy_init_hp_params_optimizer_state()
+        if hasattr(self.engine.optimizer, "_lazy_init_hp_params_optimizer_state"):  # ZeRO 1/2 fragments
+            self.engine.optimizer._hp_optimizer_states_linked = False
+            self.engine.optimizer._lazy_init_hp_params_optimizer_state()
         for p in self._opt_params:
             for key, value in saved.get(index_of[id(p)], {}).items():
-                if torch.is_tensor(value) and value.shape == p.shape:
-                    safe_set_full_optimizer_state(p, value.to(p.device, torch.float32), key)
+                if torch.is_tensor(value) and value.shape == whole_shape(p):
+                    self._set_master(p, value, key)
         for group, saved_group in zip(base.param_groups, opt_state.get("param_groups", [])):
             group.update({k: v for k, v in saved_group.items() if k != "params"})
+
+
+def gather_zero3_parameters(module: nn.Module, state: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: every ZeRO-3 parameter's placeholder replaced by its whole value, all-gathered from
+    the partitions (rank r's are flat elements [r P, (r+1) P), padded at the end; see ``noise.held``). A
+    collective: every rank calls ``state_dict()`` together, as the trainer does."""
+    for name, p in module.named_parameters():
+        if prefix + name not in state or not is_zero3(p):
+            continue
+        parts = [torch.empty_like(p.ds_tensor) for _ in range(dist.get_world_size(group=p.ds_process_group))]
+        dist.all_gather(parts, p.ds_tensor, group=p.ds_process_group)
+        state[prefix + name] = torch.cat(parts)[: p.ds_numel].view(p.ds_shape)

@@ -1,4 +1,4 @@
-"""The trainings the DeepSpeed tests run (all in one 2-rank launch of ``ds_worker.py``).
+"""The trainings the DeepSpeed tests run (all in one 2-rank launch of ``ds_worker.py``); ZeRO-3's are in test_zero3.py.
 
 Every case trains the packaged quickstart config, shrunk to 4 steps of a batch of 200 on a 40-32-32-10
 MLP, with a checkpoint every 2 steps. DDP cases are the reference the DeepSpeed engines must match.
@@ -24,7 +24,7 @@ TINY = [
     "train.num_threads=1",
     "train.checkpoint_every=2",
 ]
-STAGES = (0, 1, 2)
+STAGES = (0, 1, 2)  # ZeRO-3: test_zero3.py
 # method name in the tests -> config overrides
 METHODS = {
     "sgd": ["method=sgd"],
@@ -63,16 +63,16 @@ def ds(stage: int, *sets: str) -> list[str]:
     return ["backend=deepspeed", f"deepspeed.zero_stage={stage}", *sets]
 
 
-def reduction_cases() -> list[dict]:
-    """SGD and S-SGD on every supported stage, fp32 and bf16, with the default and the other sync mode."""
+def reduction_cases(stages: tuple[int, ...] = STAGES) -> list[dict]:
+    """SGD and S-SGD on ``stages``, fp32 and bf16, with the default and the other sync mode."""
     cases = []
     for bf16 in (False, True):
         tag = "-bf16" if bf16 else ""
-        for stage in STAGES:
+        for stage in stages:
             for method in ("sgd", "halves", "full"):
                 sets = ds(stage, *METHODS[method], f"deepspeed.bf16={str(bf16).lower()}")
                 cases.append(case(f"z{stage}{tag}-{method}", sets))
-                other = {0: None, 1: "coalesce", 2: "boundary"}[stage]
+                other = {0: None, 1: "coalesce", 2: "boundary", 3: "boundary"}[stage]
                 if other and method != "full":
                     cases.append(case(f"z{stage}{tag}-{method}-{other}", sets, sync=other))
     return cases
@@ -110,7 +110,7 @@ def all_cases() -> list[dict]:
     }.items():
         cases.append(case(name, sets))
     cases.append(case("z0-coalesce", ds(0, *METHODS["halves"]), sync="coalesce"))  # refused: no coalescing at ZeRO 0
-    cases.append(case("z3", ds(3, *METHODS["halves"])))  # refused: ZeRO-3
+    cases.append(case("z3-paired", ds(3, *EXTRA_METHODS["paired"])))  # refused: ZeRO-3 ranks share their weights
     cases.append(case("sam", ds(2, "method=sam")))  # refused
     return cases
 
@@ -141,3 +141,29 @@ def run_worker(cases: list[dict], out: Path, timeout: int = 600) -> tuple[list[d
     results_path = out / "results.json"
     results = json.loads(results_path.read_text()) if results_path.exists() else []
     return results, proc
+
+
+def launch(cases: list[dict], out: Path) -> tuple[Path, dict[str, dict]]:
+    """Train ``cases`` in one launch (a module fixture's body): (output folder, rank 0's results by name)."""
+    import pytest
+
+    results, proc = run_worker(cases, out)
+    if proc.returncode != 0 or len(results) != len(cases):
+        pytest.fail(
+            f"the 2-rank DeepSpeed worker failed (rc {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
+    return out, {r["name"]: r for r in results}
+
+
+def result(runs: tuple[Path, dict], name: str) -> dict:
+    """A case's record; a case that raised fails the test with its traceback."""
+    r = runs[1][name]
+    assert "error" not in r, f"{name}: {r['error']}\n{r.get('traceback', '')}"
+    return r
+
+
+def checkpoint(runs: tuple[Path, dict], name: str, step: int | None = None) -> dict:
+    import torch
+
+    ckpt = runs[0] / name / "checkpoints" / ("last.pt" if step is None else f"step-{step:08d}.pt")
+    return torch.load(ckpt, weights_only=True)  # a checkpoint is plain tensors

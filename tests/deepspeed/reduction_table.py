@@ -3,7 +3,7 @@
     python tests/deepspeed/reduction_table.py [OUT_DIR]
 
 Launches 2 gloo ranks on CPU (torchrun, DS_ACCELERATOR=cpu) that train SGD and S-SGD for 4 steps on
-every supported ZeRO stage, fp32 and bf16, with each stage's default sync mode and the alternative,
+every ZeRO stage (0 to 3), fp32 and bf16, with each stage's default sync mode and the alternative,
 counting the reduce-type calls (all_reduce / reduce / reduce_scatter ...) of DeepSpeed's comm backend
 made between the first forward and ``engine.step()``. The markdown goes to stdout (docs/deepspeed.md).
 """
@@ -16,6 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import reduction_cases, run_worker  # noqa: E402
+
+ALL_STAGES = (0, 1, 2, 3)
 
 
 def _cell(r: dict | None, key: str) -> str:
@@ -31,8 +33,8 @@ def table(results: dict[str, dict]) -> str:
         "|---|---|---|---|---|---|---|",
     ]
     for tag in ("", "-bf16"):
-        for stage in (0, 1, 2):
-            for suffix in ("", *{0: (), 1: ("-coalesce",), 2: ("-boundary",)}[stage]):
+        for stage in ALL_STAGES:
+            for suffix in ("", *{0: (), 1: ("-coalesce",), 2: ("-boundary",), 3: ("-boundary",)}[stage]):
                 sgd, halves = results.get(f"z{stage}{tag}-sgd{suffix}"), results.get(f"z{stage}{tag}-halves{suffix}")
                 full = results.get(f"z{stage}{tag}-full{suffix}")
                 mode = f"`{sgd['sync']}`" + ("" if suffix else " (default)")
@@ -46,7 +48,7 @@ def table(results: dict[str, dict]) -> str:
 
 def main() -> int:
     out = Path(sys.argv[1]) if len(sys.argv) > 1 else Path(tempfile.mkdtemp(prefix="ds-reductions-"))
-    results, proc = run_worker(reduction_cases(), out)
+    results, proc = run_worker(reduction_cases(ALL_STAGES), out)
     if proc.returncode != 0:
         print(proc.stdout[-3000:], proc.stderr[-6000:], file=sys.stderr)
         return 1
