@@ -96,17 +96,17 @@ def run_variants(rank: int, world_size: int, port: int, out: str, variants: dict
         trainer = Trainer(cfg, Path(out).parent / f"run-{world_size}-{name}", distributed.setup("cpu"))
         counter = None
         if world_size > 1:
-            from ssgd_dist.backends.fsdp import count_reduce_scatters
+            from ssgd_dist.backends.fsdp import count_collectives
 
-            counter = count_reduce_scatters(trainer.backend.model) if cfg.backend == "fsdp" else None
+            counter = count_collectives(trainer.backend.model) if cfg.backend == "fsdp" else None
         per_step = []
         for step in range(steps):
-            calls, sent = (counter.calls, counter.bytes) if counter else (0, 0)
             x, y = trainer.local_batch(step)
             trainer.backend.set_lr(0.1)
             trainer.backend.train_step(trainer.method, x, y, step)
             if counter:
-                per_step.append({"calls": counter.calls - calls, "bytes": counter.bytes - sent})
+                (sent, calls), (gathered, gathers) = (c.take() for c in counter)
+                per_step.append({"calls": calls, "bytes": sent, "gathers": gathers, "gathered_bytes": gathered})
         results[name] = {"state": _full_state(trainer.backend.model), "per_step": per_step}
         if name == "wide":
             results["memory"] = {mode: _noise_memory(trainer.backend.model, mode) for mode in ("copy", "regenerate")}

@@ -138,7 +138,8 @@ def test_bench_runs_one_rank_in_process_and_says_what_it_skipped(tmp_path):
 
 
 def test_bench_on_fsdp_reduces_once_and_holds_a_shard(tmp_path):
-    """``--backend fsdp``: S-SGD reduce-scatters what SGD does (the hand-written form twice), its noise backup
+    """``--backend fsdp``: S-SGD reduce-scatters what SGD does (the hand-written form twice) and gathers the
+    weights twice as much (once per pass), its noise backup
     is this rank's shard (about half the perturbed weights on 2 ranks) and nothing with regenerate; SAM is
     left out, said why."""
     out = tmp_path / "fsdp.json"
@@ -152,6 +153,7 @@ def test_bench_on_fsdp_reduces_once_and_holds_a_shard(tmp_path):
     assert by["ssgd-halves"]["ratio_comm_bytes"] == 1.0
     assert by["ssgd-halves-regenerate"]["ratio_comm_bytes"] == 1.0
     assert by["ssgd-naive"]["ratio_comm_bytes"] == 2.0
+    assert by["sgd"]["gathered_bytes_per_step"] > 0 and by["ssgd-halves"]["ratio_gathered_bytes"] == 2.0  # 2 passes
     assert 0.4 < by["ssgd-halves"]["extra_held_memory_params"] <= 0.5 + 0.02
     assert abs(by["ssgd-halves-regenerate"]["extra_held_memory_params"]) < 0.02
     assert "sam" not in by and "unreduced gradient" in json.dumps(report)

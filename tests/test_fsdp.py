@@ -90,8 +90,23 @@ def test_one_reduce_scatter_per_unit_per_step_as_for_sgd(runs):
         sgd = runs[world_size]["sgd"]["per_step"]
         units = 4  # the MLP's three Linear layers and the root (which holds no parameters of its own)
         assert all(step["calls"] <= units for step in sgd) and sgd[0]["calls"] >= 3
+        reductions = [{k: step[k] for k in ("calls", "bytes")} for step in sgd]
         for variant in ("halves", "full", "regenerate", "halves-k2", "gni"):
-            assert runs[world_size][variant]["per_step"] == sgd, (world_size, variant)
+            ours = runs[world_size][variant]["per_step"]
+            assert [{k: step[k] for k in ("calls", "bytes")} for step in ours] == reductions, (world_size, variant)
+
+
+def test_two_passes_gather_the_weights_twice_as_often_as_one(runs):
+    """What S-SGD does cost on shards: every pass gathers each unit for its forward and its backward."""
+    for world_size in WORLD_SIZES[1:]:
+        sgd = runs[world_size]["sgd"]["per_step"]
+        assert all(step["gathers"] == 6 for step in sgd)  # 3 Linear units, forward and backward
+        for variant, passes in (("halves", 2), ("full", 2), ("gni", 1), ("halves-k2", 4)):
+            for ours, base in zip(runs[world_size][variant]["per_step"], sgd, strict=True):
+                assert (ours["gathers"], ours["gathered_bytes"]) == (
+                    passes * base["gathers"],
+                    passes * base["gathered_bytes"],
+                ), (world_size, variant)
 
 
 def test_noise_holds_one_shard_with_copy_and_nothing_with_regenerate(runs):

@@ -54,7 +54,7 @@ from torch.distributed.checkpoint.state_dict import (
 )
 from torch.distributed.device_mesh import init_device_mesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
-from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultReduceScatter
+from torch.distributed.fsdp._fully_shard._fsdp_collectives import DefaultAllGather, DefaultReduceScatter
 
 from ..config import Config
 from ..errors import ConfigError
@@ -157,18 +157,17 @@ class FSDPBackend(Backend):
         return {"model": model, "optimizer": {"state": tensors["optimizer"], "param_groups": meta["param_groups"]}}
 
 
-class CountingReduceScatter(DefaultReduceScatter):
-    """FSDP2's own reduce-scatter, counted: calls and input bytes (what each rank sends into it)."""
+class _Counted:
+    """Calls and bytes of one kind of FSDP2 collective, counted on the host as they are issued."""
 
     def __init__(self):
         super().__init__()
         self.calls = 0
         self.bytes = 0
 
-    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+    def _count(self, tensor: torch.Tensor) -> None:
         self.calls += 1
-        self.bytes += input_tensor.numel() * input_tensor.element_size()
-        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+        self.bytes += tensor.numel() * tensor.element_size()
 
     def take(self) -> tuple[int, int]:
         """(bytes, calls) since the last ``take``."""
@@ -177,10 +176,28 @@ class CountingReduceScatter(DefaultReduceScatter):
         return out
 
 
-def count_reduce_scatters(model: nn.Module) -> CountingReduceScatter:
-    """Route every shard unit's gradient reduction of ``model`` through one counter (bench and tests)."""
-    counter = CountingReduceScatter()
+class CountingReduceScatter(_Counted, DefaultReduceScatter):
+    """FSDP2's own reduce-scatter, counted: calls and input bytes (what each rank sends into it)."""
+
+    def __call__(self, output_tensor, input_tensor, group, op, async_op=False):
+        self._count(input_tensor)
+        return super().__call__(output_tensor, input_tensor, group, op, async_op)
+
+
+class CountingAllGather(_Counted, DefaultAllGather):
+    """FSDP2's own weight all-gather, counted: calls and output bytes (the unsharded weights each rank gets)."""
+
+    def __call__(self, output_tensor, input_tensor, group, async_op=False):
+        self._count(output_tensor)
+        return super().__call__(output_tensor, input_tensor, group, async_op)
+
+
+def count_collectives(model: nn.Module) -> tuple[CountingReduceScatter, CountingAllGather]:
+    """Route every shard unit's gradient reductions and weight gathers of ``model`` through one counter each
+    (bench and tests)."""
+    reduce_scatters, all_gathers = CountingReduceScatter(), CountingAllGather()
     for module in model.modules():
         if isinstance(module, FSDPModule):
-            module.set_custom_reduce_scatter(counter)
-    return counter
+            module.set_custom_reduce_scatter(reduce_scatters)
+            module.set_custom_all_gather(all_gathers)
+    return reduce_scatters, all_gathers

@@ -147,6 +147,7 @@ def _run_rank(rank: int, world_size: int, opts: BenchOptions) -> dict[str, Any] 
             "noise": _gather([d["noise"] for d in s]),
             "bytes": s[-1]["bytes"] if s else 0,
             "calls": s[-1]["calls"] if s else 0,
+            "gathered_bytes": s[-1]["gathered_bytes"] if s else 0,
             "bytes_all_steps": sorted({b for d in s for b in d["bytes_each"]}),
             "memory": _gather(list(memory.get(v.name, (-1, -1, -1)))),
             "compute": _gather(compute_times.get(v.name, [])),
@@ -175,6 +176,7 @@ def _run_rank(rank: int, world_size: int, opts: BenchOptions) -> dict[str, Any] 
                 "comm_bytes_per_step": r["bytes"],
                 "comm_calls_per_step": r["calls"],
                 "comm_bytes_constant": len(r["bytes_all_steps"]) == 1,
+                "gathered_bytes_per_step": r["gathered_bytes"],  # FSDP: the weights all-gathered (0 under DDP)
                 "peak_memory_bytes": mem if mem >= 0 else None,
                 "held_memory_bytes": held if held >= 0 else None,
                 "max_memory_allocated_bytes": device_peak if device_peak >= 0 else None,  # CUDA only
@@ -301,6 +303,8 @@ def add_ratios(results: list[dict[str, Any]], param_bytes: int) -> None:
         r["ratio_step_time_ga2"] = r["step_time_s"] / ga2["step_time_s"] if ga2 else None
         sgd_bytes = sgd["comm_bytes_per_step"]
         r["ratio_comm_bytes"] = r["comm_bytes_per_step"] / sgd_bytes if sgd_bytes else None
+        sgd_gathered = sgd["gathered_bytes_per_step"]
+        r["ratio_gathered_bytes"] = r["gathered_bytes_per_step"] / sgd_gathered if sgd_gathered else None
         mem, base = r["peak_memory_bytes"], sgd["peak_memory_bytes"]
         r["extra_memory_params"] = (mem - base) / param_bytes if mem is not None and base is not None else None
         base_ga2 = ga2["peak_memory_bytes"] if ga2 else None

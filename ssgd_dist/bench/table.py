@@ -22,6 +22,7 @@ def format_table(report: dict[str, Any]) -> str:
         "x ga2",
         "comm MB",
         "x comm",
+        "x gather",
         "peak+",
         "peak+ga2",
         "held+",
@@ -38,6 +39,7 @@ def format_table(report: dict[str, Any]) -> str:
                 num(r["ratio_step_time_ga2"], ".3f"),
                 num(r["comm_bytes_per_step"] / 1e6, ".3f"),
                 num(r["ratio_comm_bytes"], ".2f"),
+                num(r["ratio_gathered_bytes"], ".2f"),
                 num(r["extra_memory_params"], "+.2f"),
                 num(r["extra_memory_params_ga2"], "+.2f"),
                 num(r["extra_held_memory_params"], "+.2f"),
@@ -54,8 +56,8 @@ def format_table(report: dict[str, Any]) -> str:
             lines.append("  ".join("-" * w for w in widths))
     lines.append(
         "peak+: peak memory of the step over sgd's (peak+ga2: over sgd-ga2's); held+: memory still held between "
-        "steps over sgd's; all in parameter-size units. noise %: drawing noise, perturbing and restoring, "
-        "as a share of the step"
+        "steps over sgd's; all in parameter-size units. x gather: weights all-gathered per step over sgd's "
+        "(FSDP). noise %: drawing noise, perturbing and restoring, as a share of the step"
     )
     for name, why in report.get("skipped", {}).items():
         lines.append(f"skipped {name}: {why}")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from torch import nn
 
 from ..backends.ddp import DDPBackend
-from ..backends.fsdp import CountingReduceScatter, FSDPBackend, count_reduce_scatters
+from ..backends.fsdp import CountingAllGather, CountingReduceScatter, FSDPBackend, count_collectives
 from ..bn import convert_batchnorm
 from ..config import BenchOptions, Config, OptimConfig
 from ..methods import METHODS, SGD, Pass, build_method
@@ -171,11 +171,13 @@ class Runner:
         if opts.backend == "fsdp":
             backend_cls = NaiveFSDPBackend if variant.naive else FSDPBackend
             self.backend = backend_cls.from_config(cfg, self.model, None)  # shards the model in place
-            self.comm: CommCounter | CountingReduceScatter = count_reduce_scatters(self.model)
+            self.comm: CommCounter | CountingReduceScatter
+            self.comm, self.gathers = count_collectives(self.model)
         else:
             optimizer = build_optimizer(cfg.optim, self.model.parameters())
             self.backend = (NaiveDDPBackend if variant.naive else DDPBackend).from_config(cfg, self.model, optimizer)
             self.comm = CommCounter(world_size)
+            self.gathers: CountingAllGather | None = None  # DDP holds whole weights: nothing to gather
             self.backend.ddp.register_comm_hook(self.comm, counting_allreduce)
         if variant.batch_split:
             cfg.ssgd.batch_split = variant.batch_split
@@ -201,10 +203,12 @@ class Runner:
         if cuda:
             torch.cuda.synchronize(self.device)
         comm = []  # (bytes, calls) of each step: the hook runs on the host as the backward is queued
+        gathered = 0
         t0 = time.perf_counter()
         for _ in range(count):
             self.backend.train_step(self.method, x, y, self.step)
             comm.append(self.comm.take())
+            gathered = self.gathers.take()[0] if self.gathers else 0
             self.step += 1
         if cuda:
             torch.cuda.synchronize(self.device)
@@ -215,4 +219,5 @@ class Runner:
             "bytes": comm[-1][0],
             "calls": comm[-1][1],
             "bytes_each": sorted({b for b, _ in comm}),
+            "gathered_bytes": gathered,
         }
