@@ -133,10 +133,16 @@ def staging_path(run_dir: Path, step: int) -> Path:
 def prepare_staging(run_dir: Path, step: int) -> Path:
     """An empty staging directory for step ``step`` (what a killed run left there is removed); rank 0 only."""
     staging = staging_path(run_dir, step)
-    for stale in staging.parent.glob(f"step-*{SHARDED}{PARTIAL}"):
-        shutil.rmtree(stale, ignore_errors=True)
-    staging.mkdir(parents=True)
+    staging.parent.mkdir(parents=True, exist_ok=True)
+    _remove_partials(staging.parent)
+    staging.mkdir()
     return staging
+
+
+def _remove_partials(ckpt_dir: Path) -> None:
+    """Delete what killed sharded saves left (only rank 0 writes here, and not while this runs)."""
+    for stale in ckpt_dir.glob(f"step-*{SHARDED}{PARTIAL}"):
+        _remove(stale)
 
 
 def publish_sharded(staging: Path, meta: dict[str, Any], num_to_keep: int = 2) -> Path:
@@ -186,6 +192,7 @@ def _record(ckpt_dir: Path, path: Path, digest: str, num_to_keep: int, extra: di
     steps = [p for p in steps if step_of(p) <= step]
     for old in steps[: max(0, len(steps) - max(1, num_to_keep))]:
         _remove(old)
+    _remove_partials(ckpt_dir)  # also after a switch from sharded to plain checkpoints
     manifest = {name: d for name, d in read_manifest(ckpt_dir)[0].items() if (ckpt_dir / name).exists()}
     manifest[path.name] = digest
     manifest.update(extra or {})
@@ -221,9 +228,11 @@ def try_candidate(
 
     A sharded directory is read by ``read_sharded``; without one it is refused, never unpickled.
     """
-    sharded = Path(path).is_dir()
+    sharded = Path(path).suffix == SHARDED
     if sharded and read_sharded is None:
         return None, "is a sharded checkpoint (torch.distributed.checkpoint), which only backend=fsdp reads"
+    if sharded and not Path(path).is_dir():
+        return None, "is not a directory (a sharded checkpoint is one)"
     try:
         if expected_sha is not None and checksum_of(path) != expected_sha:
             return None, "fails its checksum (truncated or corrupted)"
@@ -264,7 +273,7 @@ def find_latest(
         _report(path, reason)
         found.skipped.append((path, reason))
 
-    files = sorted([*ckpt_dir.glob("step-*.pt"), *(p for p in ckpt_dir.glob(f"step-*{SHARDED}") if p.is_dir())])
+    files = sorted([*ckpt_dir.glob("step-*.pt"), *ckpt_dir.glob(f"step-*{SHARDED}")])
     for stray in [p for p in files if step_of(p) is None]:
         skip(stray, "has a name that is not step-<number>.pt or .dcp (not written by ssgd-dist)")
     # Newest step file first: a crash between writing it and relinking last.pt loses nothing.

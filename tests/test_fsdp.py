@@ -6,6 +6,8 @@ through the CLI under torchrun.
 
 from __future__ import annotations
 
+import shutil
+
 import pytest
 import torch
 
@@ -149,6 +151,10 @@ def test_a_sharded_run_stopped_at_four_ranks_resumes_at_two(tmp_path, checkpoint
         )
         measured = measure_run(tmp_path / "resumed", quick, figures=False)
         assert measured["step"] == 6 and measured["checkpoint"].endswith("step-00000006.dcp")
+        damaged = shutil.copytree(shards, tmp_path / "damaged.dcp")
+        (damaged / "__3_0.distcp").unlink()
+        with pytest.raises(ConfigError, match="cannot be read as a sharded checkpoint.*__3_0.distcp"):
+            measure_run(tmp_path / "resumed", quick, checkpoint=damaged, figures=False)
     else:
         assert torch.load(ckpts / "last.pt", weights_only=True)["step"] == 6
     resumed = run_torchrun(2, *args, "--set", "train.crash_at_step=8", "--run-dir", str(tmp_path / "resumed"))

@@ -6,6 +6,7 @@ resume them on 4 and 2 ranks are in tests/test_fsdp.py.
 from __future__ import annotations
 
 import errno
+import os
 import pickle
 import shutil
 from pathlib import Path
@@ -15,7 +16,7 @@ import torch
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint.filesystem import FileSystemWriter
 
-from ssgd_dist.backends.dcp import load_tensors, save_tensors
+from ssgd_dist.backends.dcp import ShardedCheckpointError, load_tensors, save_tensors
 from ssgd_dist.checkpoint import (
     MANIFEST,
     find_latest,
@@ -23,11 +24,11 @@ from ssgd_dist.checkpoint import (
     publish_sharded,
     read_manifest,
     read_sharded_meta,
+    save_checkpoint,
 )
 from ssgd_dist.errors import DiskFullError
+from tests.conftest import free_port
 from tests.test_reliability import Payload
-
-pytestmark = pytest.mark.filterwarnings("ignore:.*(process group|torch.distributed).*:UserWarning")
 
 
 def write(run_dir: Path, step: int, keep: int = 2) -> Path:
@@ -60,8 +61,21 @@ def test_a_directory_left_half_written_by_a_kill_is_never_read_and_is_removed_by
     save_tensors({"model": {"w": torch.full((3, 2), 4.0)}}, staging)  # killed before publishing
     found = find_latest(tmp_path, read_sharded=read)
     assert found.state["step"] == 2 and not found.skipped
+    (staging.parent / "step-00000006.dcp.partial").write_text("x")  # even a file where the staging goes
     write(tmp_path, 6)
+    assert not staging.exists() and sorted(p.name for p in staging.parent.glob("*.partial")) == []
+    save_checkpoint(tmp_path, {"step": 7}, 7)  # plain checkpoints (fsdp.checkpoint=full) clean up too
+    staging.mkdir()
+    save_checkpoint(tmp_path, {"step": 8}, 8)
     assert not staging.exists()
+
+
+def test_a_file_where_a_directory_belongs_is_skipped_not_taken_for_no_checkpoint(tmp_path):
+    write(tmp_path, 2)
+    (tmp_path / "checkpoints" / "step-00000004.dcp").write_text("junk")
+    found = find_latest(tmp_path, read_sharded=read)
+    assert found.state["step"] == 2
+    assert found.skipped[0][1] == "is not a directory (a sharded checkpoint is one)"
 
 
 @pytest.mark.parametrize("damage", ["shard", "meta", "extra file"])
@@ -103,6 +117,7 @@ def test_metadata_that_carries_pickled_code_is_refused_without_running_it(tmp_pa
     assert "posix.system is not part of a checkpoint's metadata" in found.skipped[0][1]
 
 
+@pytest.mark.filterwarnings("ignore:torch.distributed is disabled")
 def test_a_value_that_carries_pickled_code_is_refused_without_running_it(tmp_path):
     """DCP stores a non-tensor value with ``torch.save`` and reads it with ``weights_only=False``."""
     marker = tmp_path / "pwned"
@@ -127,3 +142,21 @@ def test_a_full_disk_while_writing_shards_is_a_disk_full_error_and_the_previous_
         write(tmp_path, 4)
     monkeypatch.undo()
     assert find_latest(tmp_path, read_sharded=read).state["step"] == 2
+
+
+def _save_into_a_directory_of_its_own(rank: int, world_size: int, port: int, base: str) -> None:
+    """Each rank writes "the same" directory on a disk of its own, as nodes with local run directories do."""
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world_size))
+    torch.distributed.init_process_group("gloo", rank=rank, world_size=world_size)
+    try:
+        save_tensors({f"rank{rank}": torch.ones(2)}, Path(base) / f"node{rank}" / "step-00000002.dcp.partial")
+    except ShardedCheckpointError as exc:
+        (Path(base) / f"refused{rank}").write_text(str(exc))
+    finally:
+        torch.distributed.destroy_process_group()
+
+
+def test_ranks_that_do_not_share_the_directory_all_refuse_to_publish(tmp_path):
+    torch.multiprocessing.spawn(_save_into_a_directory_of_its_own, args=(2, free_port(), str(tmp_path)), nprocs=2)
+    for rank in (0, 1):
+        assert "the ranks do not share the run directory" in (tmp_path / f"refused{rank}").read_text()

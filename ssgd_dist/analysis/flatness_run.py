@@ -75,7 +75,13 @@ def measure_run(
             if not checkpoint.exists():
                 raise ConfigError(f"flatness --checkpoint {checkpoint}: no such file or directory")
             if checkpoint.is_dir():
-                state = read_sharded(checkpoint)
+                try:
+                    state = read_sharded(checkpoint)
+                except Exception as exc:  # noqa: BLE001 - any unreadable directory: one line, exit 2
+                    raise ConfigError(
+                        f"flatness --checkpoint {checkpoint}: cannot be read as a sharded checkpoint of the model of "
+                        f"{run_dir / 'config.yaml'} ({type(exc).__name__}: {str(exc)[:300]})".replace("\n", " ")
+                    ) from exc
             else:
                 state = load_checkpoint_file(checkpoint, map_location=ctx.device)
             ckpt_path = checkpoint

@@ -11,11 +11,14 @@ of a checkpoint goes into a plain file beside them (``checkpoint.publish_sharded
 from __future__ import annotations
 
 import contextlib
+import os
 import pickle
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
 from torch.distributed.checkpoint import metadata as dcp_metadata
 from torch.distributed.checkpoint.api import CheckpointException
@@ -79,7 +82,9 @@ def _failures_as_errors(what: str, path: Path):
     that ``except Exception`` would let through: it becomes an ordinary error naming the first cause
     (``DiskFullError`` for a full disk, exit 4 like any other write)."""
     try:
-        yield
+        with warnings.catch_warnings():  # one process (flatness, your own code) is meant, not an oversight
+            warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+            yield
     except CheckpointException as exc:
         rank, (cause, _) = min(exc.failures.items())
         raise_if_disk_full(cause, path / "shards", None)
@@ -89,7 +94,19 @@ def _failures_as_errors(what: str, path: Path):
 def save_tensors(state: dict[str, Any], path: Path) -> None:
     """Every rank writes its shards of ``state`` (nested dicts of tensors) into ``path``; a collective."""
     with _failures_as_errors("writing", Path(path)):
-        dcp.save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+        metadata = dcp.save(state, storage_writer=FileSystemWriter(path, sync_files=True))
+    # Every rank gets the global metadata; if it cannot see every rank's file, the ranks do not share the
+    # directory (local disks on several nodes) and rank 0 would publish an incomplete checkpoint.
+    missing = sorted({info.relative_path for info in metadata.storage_data.values()} - set(os.listdir(path)))
+    anywhere = torch.tensor([float(len(missing))])
+    if dist.is_initialized():
+        dist.all_reduce(anywhere, op=dist.ReduceOp.MAX)  # every rank fails together, rank 0 before publishing
+    if anywhere.item():
+        where = f"lacks {', '.join(missing)} here" if missing else "lacks files on another rank"
+        raise ShardedCheckpointError(
+            f"{path} {where}: the ranks do not share the run directory, which sharded checkpoints need; use a "
+            "shared --run-dir (or storage), or fsdp.checkpoint=full"
+        )
 
 
 def load_tensors(state: dict[str, Any], path: Path) -> None:

@@ -95,6 +95,8 @@ ZERO3_REFUSED = {
     "zero_hpz_partition_size": "ZeRO++ hpZ forwards from a secondary copy of the partitions",
     "mics_shard_size": "MiCS shards over its own groups, which the noise does not know",
     "offload_param": "the noise moves the in-memory partition; offloaded partitions are not supported",
+    "cpu_offload_param": "the noise moves the in-memory partition; offloaded partitions are not supported "
+    "(cpu_offload_param is DeepSpeed's old name for offload_param)",
 }
 
 
@@ -175,7 +177,8 @@ def check_zero3(cfg: Config, method: type[Method], zero: dict[str, Any]) -> None
         value = zero.get(key)
         if isinstance(value, dict):
             value = value.get("device", "none")
-        if value not in (None, 0, 1, -1, "none"):
+        # Off: absent, false, "none", or a partition size of 0, 1 or -1 (hpZ, MiCS). ``True == 1``, so booleans first.
+        if value is True or (value is not False and value not in (None, 0, 1, -1, "none")):
             raise ConfigError(
                 f"deepspeed.extra.zero_optimization.{key} = {value!r} with deepspeed.zero_stage = 3: {why}; remove it"
             )

@@ -97,16 +97,13 @@ def write_snapshot(run_dir: Path, ckpt_path: Path, dest: Path) -> None:
 
 
 def download_run_dir(storage_path: str, name: str, dest: Path) -> Path:
-    """Copy ``<storage>/<name>``'s snapshot files and checkpoint (those that exist) into ``dest``."""
+    """Copy ``<storage>/<name>``'s snapshot files (those that exist) into ``dest``. Mirrored runs write plain
+    checkpoints (``checkpoint_format_for``), so the checkpoint there is ``checkpoints/last.pt``."""
     fs, base = storage_location(storage_path, name)
     dest.mkdir(parents=True, exist_ok=True)
-    for rel in (*SNAPSHOT_FILES, *SNAPSHOT_CHECKPOINTS):
-        kind = fs.get_file_info(f"{base}/{rel}").type
-        if kind != pyarrow.fs.FileType.NotFound:
-            # A directory is copied into an existing one; a file's folder must exist.
-            (dest / rel if kind == pyarrow.fs.FileType.Directory else (dest / rel).parent).mkdir(
-                parents=True, exist_ok=True
-            )
+    for rel in (*SNAPSHOT_FILES, SNAPSHOT_CHECKPOINTS[0]):
+        if fs.get_file_info(f"{base}/{rel}").type == pyarrow.fs.FileType.File:
+            (dest / rel).parent.mkdir(parents=True, exist_ok=True)
             pyarrow.fs.copy_files(f"{base}/{rel}", str(dest / rel), source_filesystem=fs)
     return dest
 
@@ -177,6 +174,20 @@ def prepare_resume(where: RunLocation, rank: int, stack: ExitStack) -> Path | No
     return snapshot_checkpoint(chosen[1]) if chosen is not None else None
 
 
+def checkpoint_format_for(cfg: Config, where: RunLocation, announce: bool = False) -> Config:
+    """``cfg``, with plain checkpoints where the workers' run directories are not shared (mirrored: each node
+    writes its own disk), since a sharded checkpoint needs every rank's files in one directory."""
+    if not (where.mirror and cfg.backend == "fsdp" and cfg.fsdp.checkpoint == "sharded"):
+        return cfg
+    if announce:
+        print(
+            "ssgd-dist: fsdp.checkpoint=full: the workers' run directories are local (--local-dir or an object "
+            "store), so each checkpoint is gathered to rank 0 and mirrored to the storage",
+            flush=True,
+        )
+    return cfg.model_copy(update={"fsdp": cfg.fsdp.model_copy(update={"checkpoint": "full"})})
+
+
 def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     """Runs on every Ray Train worker (Ray has set up the process group); ``loop`` comes from ``build_trainer``.
 
@@ -184,8 +195,9 @@ def train_worker(loop: dict[str, Any]) -> dict[str, Any]:
     "diverged", "error": ...}`` when ``diverged_as_status``: a sweep records the cell and goes on,
     while a single job lets the ``NonFiniteError`` fail the run as it fails under torchrun.
     """
-    cfg, where, run_dir = validate(loop["config"]), loop["where"], Path(loop["where"].run_dir)
+    where, run_dir = loop["where"], Path(loop["where"].run_dir)
     rank = ray.train.get_context().get_world_rank()
+    cfg = checkpoint_format_for(validate(loop["config"]), where, announce=rank == 0)
 
     def on_log(records: list[dict[str, Any]], checkpoint: bool) -> None:
         if not checkpoint:  # a window that ends at a checkpoint is reported with it (``on_checkpoint``)

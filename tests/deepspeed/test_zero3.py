@@ -15,7 +15,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from ssgd_dist.backends.deepspeed import check_zero3
 from ssgd_dist.config import load_config
+from ssgd_dist.errors import ConfigError
+from ssgd_dist.methods import method_class
 from ssgd_dist.models import build_model
 from tests.conftest import TINY, run_cli, sets
 
@@ -187,3 +190,25 @@ def test_a_refused_zero3_config_exits_2(tmp_path):
     )
     assert proc.returncode == 2, proc.stderr
     assert "deepspeed.extra.zero_optimization.stage3_max_reuse_distance" in proc.stderr
+
+
+@pytest.mark.parametrize(
+    "zero",
+    [
+        {"offload_param": {"device": "cpu"}},
+        {"cpu_offload_param": True},  # DeepSpeed's old name for offload_param
+        {"zero_hpz_partition_size": 2},
+        {"mics_shard_size": 2},
+        {"stage3_prefetch_bucket_size": 0},  # set by the backend, not by the user
+    ],
+)
+def test_zero3_refuses_weights_kept_elsewhere_and_the_keys_it_sets(zero):
+    cfg = load_config("quickstart", ["backend=deepspeed", "deepspeed.zero_stage=3"])
+    with pytest.raises(ConfigError, match=next(iter(zero))):
+        check_zero3(cfg, method_class(cfg), zero)
+
+
+def test_zero3_takes_those_keys_when_they_are_off():
+    cfg = load_config("quickstart", ["backend=deepspeed", "deepspeed.zero_stage=3"])
+    off = {"offload_param": {"device": "none"}, "cpu_offload_param": False, "zero_hpz_partition_size": 1}
+    check_zero3(cfg, method_class(cfg), {**off, "mics_shard_size": -1})
