@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -10,7 +11,9 @@ import torch
 import torch.distributed as dist
 
 from ssgd_dist import distributed
+from ssgd_dist.bench.memory import AllocationTracker
 from ssgd_dist.config import load_config
+from ssgd_dist.noise import Perturber, held, select_targets, whole_shape
 from ssgd_dist.train import Trainer
 
 
@@ -108,3 +111,35 @@ def evaluate_worker(rank: int, world_size: int, out: str, overrides: list[str]) 
         (Path(out) / "metrics.json").write_text(json.dumps(gathered))
     dist.barrier()
     dist.destroy_process_group()
+
+
+def noise_memory(model: torch.nn.Module, restore: str) -> dict[str, int]:
+    """Bytes the noise holds after a perturb/reflect/restore cycle and its peak, by allocation; with what
+    this rank holds of the perturbed weights (a shard under FSDP2 and ZeRO-3) and their whole size."""
+    params = select_targets(model, "weights")
+    perturber = Perturber(params, restore=restore)
+    with AllocationTracker() as tracker:
+        perturber.perturb(3, 4, "rademacher", "layer_rms", 0.1)
+        perturber.reflect()
+        perturber.restore()
+        held_bytes = tracker.live_bytes()
+    whole = [math.prod(whole_shape(p)) * p.element_size() for p in params]
+    return {
+        "held": held_bytes,
+        "peak": tracker.peak,
+        "shard_bytes": sum(h.local.numel() * h.local.element_size() for h in map(held, params)),
+        "whole_bytes": sum(whole),
+        "largest_bytes": max(whole),
+    }
+
+
+def assert_noise_holds_one_shard(memory: dict[str, dict[str, int]], world_size: int) -> None:
+    """``noise_memory`` of ``copy`` and ``regenerate``: a shard's backup (1/world of the perturbed weights), at
+    most one whole tensor more at the peak; nothing held with ``regenerate``."""
+    copy, regenerate = memory["copy"], memory["regenerate"]
+    small = 4096  # per-tensor sigmas and the all-reduced squares: bytes, not a tensor's worth
+    assert copy["shard_bytes"] <= copy["held"] <= copy["shard_bytes"] + small
+    assert copy["held"] <= -(-copy["whole_bytes"] // world_size) + small
+    assert copy["peak"] <= copy["held"] + copy["largest_bytes"] + small
+    assert regenerate["held"] <= small
+    assert regenerate["peak"] <= regenerate["largest_bytes"] + small

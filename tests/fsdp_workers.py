@@ -17,10 +17,10 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 from torch.distributed.tensor import DTensor
 
 from ssgd_dist import distributed
-from ssgd_dist.bench.memory import AllocationTracker
 from ssgd_dist.config import load_config
 from ssgd_dist.noise import Perturber, draw_noise, fill_unit_, held, noise_generator, sample_unit_, select_targets
 from ssgd_dist.train import Trainer
+from tests.dist_workers import noise_memory
 
 
 def _init(rank: int, world_size: int, port: int) -> None:
@@ -34,25 +34,6 @@ def _full_state(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     options = StateDictOptions(full_state_dict=True, cpu_offload=False)
     state = get_model_state_dict(model, options=options) if dist.get_world_size() > 1 else model.state_dict()
     return {k: v.detach().clone() for k, v in state.items() if v.is_floating_point()}
-
-
-def _noise_memory(model: torch.nn.Module, restore: str) -> dict[str, int]:
-    """Bytes the noise holds after a perturb/reflect/restore cycle and its peak, by allocation."""
-    params = select_targets(model, "weights")
-    perturber = Perturber(params, restore=restore)
-    with AllocationTracker() as tracker:
-        perturber.perturb(3, 4, "rademacher", "layer_rms", 0.1)
-        perturber.reflect()
-        perturber.restore()
-        held_bytes = tracker.live_bytes()
-    shards = [held(p).local for p in params]
-    return {
-        "held": held_bytes,
-        "peak": tracker.peak,
-        "shard_bytes": sum(t.numel() * t.element_size() for t in shards),
-        "whole_bytes": sum(p.numel() * p.element_size() for p in params),
-        "largest_bytes": max(p.numel() * p.element_size() for p in params),
-    }
 
 
 @torch.no_grad()
@@ -109,7 +90,7 @@ def run_variants(rank: int, world_size: int, port: int, out: str, variants: dict
                 per_step.append({"calls": calls, "bytes": sent, "gathers": gathers, "gathered_bytes": gathered})
         results[name] = {"state": _full_state(trainer.backend.model), "per_step": per_step}
         if name == "wide":
-            results["memory"] = {mode: _noise_memory(trainer.backend.model, mode) for mode in ("copy", "regenerate")}
+            results["memory"] = {mode: noise_memory(trainer.backend.model, mode) for mode in ("copy", "regenerate")}
         if name == "sgd":
             results["shards"] = _noise_on_shards(trainer.backend.model)
     gathered = [None] * world_size

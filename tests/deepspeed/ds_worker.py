@@ -41,7 +41,7 @@ from ssgd_dist.config import load_config  # noqa: E402
 from ssgd_dist.errors import ConfigError  # noqa: E402
 from ssgd_dist.noise import Perturber, fill_unit_, held, noise_generator, sample_unit_  # noqa: E402
 from ssgd_dist.train import Trainer  # noqa: E402
-from tests.dist_workers import rank_mismatches  # noqa: E402  (PYTHONPATH holds the repository)
+from tests.dist_workers import noise_memory, rank_mismatches  # noqa: E402  (PYTHONPATH holds the repository)
 
 REDUCE_OPS = (
     "all_reduce",
@@ -88,6 +88,31 @@ def whole_tensors(model: torch.nn.Module, kind: str) -> dict[str, torch.Tensor]:
     return {n: t.detach().clone() for n, t in model.state_dict().items() if n in names and t.is_floating_point()}
 
 
+def zero3_engine(model: torch.nn.Module, world_size: int):
+    """A ZeRO-3 engine over ``model`` with the backend's settings (nothing kept gathered, state dict gathered)."""
+    import deepspeed
+
+    config = {
+        "train_micro_batch_size_per_gpu": 1,
+        "train_batch_size": world_size,
+        "zero_allow_untested_optimizer": True,
+        "zero_optimization": {"stage": 3, **ds_backend.ZERO3_KEYS},
+    }
+    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
+    engine.module.register_state_dict_post_hook(ds_backend.gather_zero3_parameters)  # as the backend does
+    return engine
+
+
+def zero3_memory(world_size: int) -> list[dict]:
+    """Every rank's ``noise_memory`` on a model whose weights dominate the bookkeeping (2 x 256 x 256)."""
+    torch.manual_seed(3)
+    engine = zero3_engine(torch.nn.Sequential(torch.nn.Linear(256, 256), torch.nn.Linear(256, 256)), world_size)
+    memory = {mode: noise_memory(engine.module, mode) for mode in ("copy", "regenerate")}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, memory)
+    return gathered
+
+
 def zero3_noise(world_size: int) -> dict:
     """Weight noise on ZeRO-3 partitions equals this rank's flat slice of the unsharded noise.
 
@@ -96,18 +121,10 @@ def zero3_noise(world_size: int) -> dict:
     are cut between the ranks. The unit draw must be exactly the slice; the scaled noise (its scale reads
     the whole tensor's RMS or each row's, summed over the ranks) equal to rounding.
     """
-    import deepspeed
-
     torch.manual_seed(3)
-    model = torch.nn.ModuleList([torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Conv1d(3, 5, 3)])
-    config = {
-        "train_micro_batch_size_per_gpu": 1,
-        "train_batch_size": world_size,
-        "zero_allow_untested_optimizer": True,
-    }
-    config["zero_optimization"] = {"stage": 3, **ds_backend.ZERO3_KEYS}
-    engine, *_ = deepspeed.initialize(model=model, optimizer=torch.optim.SGD(model.parameters(), lr=0.1), config=config)
-    engine.module.register_state_dict_post_hook(ds_backend.gather_zero3_parameters)  # as the backend does
+    engine = zero3_engine(
+        torch.nn.ModuleList([torch.nn.Linear(5, 7), torch.nn.Linear(7, 3), torch.nn.Conv1d(3, 5, 3)]), world_size
+    )
     params = list(engine.module.parameters())
     whole = list(whole_tensors(engine.module, "parameters").values())
     out = {"unit_exact": True, "scaled_max_diff": 0.0, "padding_untouched": True, "restored_exact": True}
@@ -198,7 +215,8 @@ def instrument(trainer: Trainer, counter: Counter, per_step: list, restore_misma
 
 def run_case(case: dict, out: Path, counter: Counter, rank: int) -> dict:
     if case.get("zero3_noise"):
-        return {"name": case["name"], "shards": zero3_noise(dist.get_world_size())}
+        world_size = dist.get_world_size()
+        return {"name": case["name"], "shards": zero3_noise(world_size), "memory": zero3_memory(world_size)}
     run_dir = out / case["name"]
     if case.get("resume_from"):
         source, step = case["resume_from"]

@@ -21,6 +21,7 @@ from ssgd_dist.errors import ConfigError
 from ssgd_dist.methods import method_class
 from ssgd_dist.models import build_model
 from tests.conftest import TINY, run_cli, sets
+from tests.dist_workers import assert_noise_holds_one_shard
 
 sys.path.insert(0, str(Path(__file__).parent))
 from cases import EXTRA_METHODS, METHODS, case, checkpoint, ds, launch, result  # noqa: E402
@@ -94,6 +95,13 @@ def test_noise_on_a_partition_is_that_slice_of_the_unsharded_noise(runs):
     assert shards["unit_exact"]  # rademacher and gaussian draws: exactly the flat slice
     assert shards["scaled_max_diff"] < 1e-6  # layer_rms and filter_norm, copy and regenerate
     assert shards["padding_untouched"] and shards["restored_exact"]
+
+
+def test_noise_holds_one_partition_with_copy_and_nothing_with_regenerate(runs):
+    memory = result(runs, "z3-noise")["memory"]
+    assert len(memory) == 2
+    for rank_memory in memory:
+        assert_noise_holds_one_shard(rank_memory, world_size=2)
 
 
 def test_ssgd_reduces_gradients_once_per_step_as_sgd(runs):
