@@ -64,7 +64,7 @@ MUTATIONS = (
     Mutation(
         "layer-rms-of-the-shard-only",
         "ssgd_dist/noise.py",
-        "dist.all_reduce(squares, group=sharded[0].group)",
+        "dist.all_reduce(squares, group=targets[split[0][0]].group)",
         "squares.mul_(1)  # mutation: no all-reduce",
         (FSDP,),
         "layer_rms noise scaled by one shard's weights: smaller noise the more ranks a run has",
@@ -113,7 +113,9 @@ MUTATIONS = (
     Mutation(
         "noise-from-the-global-rng",
         "ssgd_dist/noise.py",
-        "    return generator(Stream.NOISE, seed, step, device)\n",
+        "    gen = torch.Generator(device=device)\n"
+        "    gen.manual_seed(seed_of_step if sample == 0 else step_seed(seed_of_step, sample))\n"
+        "    return gen\n",
         "    return torch.default_generator  # mutation\n",
         (NOISE,),
         "the noise of a step depends on whatever consumed the global RNG before (ranks, resumes differ)",
@@ -121,7 +123,7 @@ MUTATIONS = (
     Mutation(
         "checkpoint-checksum-skipped",
         "ssgd_dist/checkpoint.py",
-        "if expected_sha is not None and sha256_of(path) != expected_sha:",
+        "if expected_sha is not None and checksum_of(path) != expected_sha:",
         "if False:  # mutation",
         (INTEGRITY,),
         "a checkpoint with a flipped bit inside a tensor is resumed from silently",
@@ -130,8 +132,10 @@ MUTATIONS = (
     Mutation(
         "noise-reseeds-the-global-rng",
         "ssgd_dist/noise.py",
-        "    return generator(Stream.NOISE, seed, step, device)\n",
-        "    return torch.manual_seed(generator(Stream.NOISE, seed, step, device).initial_seed())  # mutation\n",
+        "    gen = torch.Generator(device=device)\n"
+        "    gen.manual_seed(seed_of_step if sample == 0 else step_seed(seed_of_step, sample))\n"
+        "    return gen\n",
+        "    return torch.manual_seed(seed_of_step if sample == 0 else step_seed(seed_of_step, sample))  # mutation\n",
         (METHODS,),
         "right noise, but drawing it resets the global RNG (dropout, user code) at every step",
     ),
@@ -170,16 +174,16 @@ MUTATIONS = (
     Mutation(
         "targets-include-biases",
         "ssgd_dist/noise.py",
-        "return [p for p in params if p.ndim >= 2]",
-        "return [p for p in params if p.ndim >= 1]",
+        "return [p for p in params if len(whole_shape(p)) >= 2]",
+        "return [p for p in params if len(whole_shape(p)) >= 1]",
         (NOISE,),
         "noise.targets=weights also perturbs biases and BatchNorm parameters",
     ),
     Mutation(
         "reflect-does-nothing",
         "ssgd_dist/noise.py",
-        "            torch._foreach_mul_(self.params, -1.0)\n"
-        "            torch._foreach_add_(self.params, self._backup, alpha=2.0)\n",
+        "            torch._foreach_mul_(local, -1.0)\n"
+        "            torch._foreach_add_(local, self._backup, alpha=2.0)\n",
         "            pass  # mutation\n",
         (NOISE, METHODS),
         "both passes at w+n: one-point noise, not symmetric",
@@ -187,8 +191,9 @@ MUTATIONS = (
     Mutation(
         "restore-by-subtraction",
         "ssgd_dist/noise.py",
-        "            torch._foreach_copy_(self.params, self._backup)\n",
-        "            torch._foreach_add_(self.params, torch._foreach_sub(self._backup, self.params))  # mutation\n",
+        "            torch._foreach_copy_(self._locals(), self._backup)\n",
+        "            local = self._locals()\n"
+        "            torch._foreach_add_(local, torch._foreach_sub(self._backup, local))  # mutation\n",
         (NOISE,),
         "w comes back to rounding, not bit for bit (bf16/fp16 weights drift every step)",
     ),
@@ -285,8 +290,8 @@ MUTATIONS = (
     Mutation(
         "clipping-ignored",
         "ssgd_dist/backends/base.py",
-        'max_norm = self.clip_grad_norm if self.clip_grad_norm is not None else float("inf")',
-        'max_norm = float("inf")',
+        "norm = torch.nn.utils.clip_grad_norm_(params, self.clip_grad_norm)",
+        "norm = torch.nn.utils.get_total_norm([p.grad for p in params])  # mutation: no clipping",
         (METHODS,),
         "optim.clip_grad_norm has no effect",
     ),
