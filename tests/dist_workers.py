@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import time
 from pathlib import Path
 
 import torch
@@ -93,7 +94,7 @@ def count_comm(rank: int, world_size: int, port: int, out: str, variants: list[l
         )
     if rank == 0:
         Path(out).write_text(json.dumps(results))
-    dist.destroy_process_group()
+    leave_group()
 
 
 def evaluate_worker(rank: int, world_size: int, out: str, overrides: list[str]) -> None:
@@ -110,6 +111,15 @@ def evaluate_worker(rank: int, world_size: int, out: str, overrides: list[str]) 
         torch.save(trainer.model.state_dict(), Path(out) / "model.pt")
         (Path(out) / "metrics.json").write_text(json.dumps(gathered))
     dist.barrier()
+    leave_group()
+
+
+def leave_group() -> None:
+    """Destroy the process group after a pause that releases the GIL: gloo's worker threads first finish
+    releasing the last collectives' Python tensors, which they need the GIL for. Without it a rank can
+    deadlock at exit, its main thread joining those threads in ``~ProcessGroupGloo`` while holding the GIL
+    (docs/testing.md, "Known problem")."""
+    time.sleep(0.2)
     dist.destroy_process_group()
 
 

@@ -20,7 +20,7 @@ from ssgd_dist import distributed
 from ssgd_dist.config import load_config
 from ssgd_dist.noise import Perturber, draw_noise, fill_unit_, held, noise_generator, sample_unit_, select_targets
 from ssgd_dist.train import Trainer
-from tests.dist_workers import noise_memory
+from tests.dist_workers import leave_group, noise_memory
 
 
 def _init(rank: int, world_size: int, port: int) -> None:
@@ -99,4 +99,4 @@ def run_variants(rank: int, world_size: int, port: int, out: str, variants: dict
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    leave_group()

@@ -18,6 +18,7 @@ from ssgd_dist import distributed
 from ssgd_dist.bn import synchronize_running_stats
 from ssgd_dist.config import load_config
 from ssgd_dist.train import Trainer
+from tests.dist_workers import leave_group
 
 
 def _init(rank: int, world_size: int, port: int) -> None:
@@ -73,4 +74,4 @@ def run_variants(rank: int, world_size: int, port: int, out: str, variants: dict
     if rank == 0:
         torch.save(results, out)
     dist.barrier()
-    dist.destroy_process_group()
+    leave_group()

@@ -21,6 +21,7 @@ from ssgd_dist.analysis.flatness import (
 )
 from ssgd_dist.analysis.flatness_run import write_outputs
 from ssgd_dist.config import FlatnessOptions
+from tests.dist_workers import leave_group
 
 
 class Quadratic(nn.Module):
@@ -197,7 +198,7 @@ def _rank_main(rank: int, world: int, init_file: str, out_dir: str) -> None:
         with open(f"{out_dir}/rank{rank}.json", "w") as f:
             json.dump(result, f)
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.mark.distributed

@@ -22,6 +22,7 @@ from ssgd_dist.bn import recalibrate_bn
 from ssgd_dist.config import Config
 from ssgd_dist.methods import build_method
 from tests import reference
+from tests.dist_workers import leave_group
 
 SEED, STEP = 11, 5
 
@@ -95,7 +96,7 @@ def _sam_ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
         del backend
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.mark.distributed

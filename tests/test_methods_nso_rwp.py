@@ -25,6 +25,7 @@ from ssgd_dist.errors import ConfigError
 from ssgd_dist.methods import build_method, method_class
 from ssgd_dist.seeding import step_seed
 from tests import reference
+from tests.dist_workers import leave_group
 
 pytestmark = pytest.mark.timeout(120)
 
@@ -223,7 +224,7 @@ def _ddp_worker(rank: int, world: int, init_file: str, out: str) -> None:
             json.dump(results, f)
         dist.barrier()
     finally:
-        dist.destroy_process_group()
+        leave_group()
 
 
 @pytest.fixture(scope="module")

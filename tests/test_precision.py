@@ -20,6 +20,7 @@ from ssgd_dist.config import Config
 from ssgd_dist.data import load_synthetic
 from ssgd_dist.methods import build_method
 from ssgd_dist.seeding import step_seed
+from tests.dist_workers import leave_group
 
 SEED, ALPHA, LR, MAX_NORM = 3, 0.3, 0.1, 0.05
 
@@ -203,7 +204,7 @@ def _worker(rank: int, world_size: int, port: int, out: str) -> None:
     if rank == 0:
         with open(out, "w") as f:
             json.dump(report, f)
-    dist.destroy_process_group()
+    leave_group()
 
 
 @pytest.fixture(scope="module")

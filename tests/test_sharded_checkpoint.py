@@ -28,6 +28,7 @@ from ssgd_dist.checkpoint import (
 )
 from ssgd_dist.errors import DiskFullError
 from tests.conftest import free_port
+from tests.dist_workers import leave_group
 from tests.test_reliability import Payload
 
 
@@ -153,7 +154,7 @@ def _save_into_a_directory_of_its_own(rank: int, world_size: int, port: int, bas
     except ShardedCheckpointError as exc:
         (Path(base) / f"refused{rank}").write_text(str(exc))
     finally:
-        torch.distributed.destroy_process_group()
+        leave_group()
 
 
 def test_ranks_that_do_not_share_the_directory_all_refuse_to_publish(tmp_path):
