@@ -151,12 +151,8 @@ def publish_sharded(staging: Path, meta: dict[str, Any], num_to_keep: int = 2) -
 
     A kill before the rename leaves a ``.partial`` directory that nothing reads and the next save removes.
     """
-    _atomic_torch_save(meta, staging / META)
-    for file in staging.iterdir():  # DCP syncs its own files; the directory entries are made durable here
-        if file.is_file():
-            with open(file, "rb") as f:
-                os.fsync(f.fileno())
-    fsync_dir(staging)
+    _atomic_torch_save(meta, staging / META)  # fsynced, as DCP's own files are (sync_files=True)
+    fsync_dir(staging)  # and their directory entries
     digest = tree_sha256(staging)
     path = staging.with_name(staging.name.removesuffix(PARTIAL))
     _remove(path)  # a step written again after a fallback

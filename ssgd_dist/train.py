@@ -295,8 +295,7 @@ class Trainer:
                 path = publish_sharded(staging, {**self.run_state(), **rest}, keep)
         else:
             # A backend with sharded state (ZeRO 1/2, FSDP2) gathers it collectively: every rank calls in.
-            collective = getattr(self.backend, "collective_state_dict", False)
-            state = self.state_dict() if self.ctx.is_main or collective else None
+            state = self.state_dict() if self.ctx.is_main or self.backend.collective_state_dict else None
             if self.ctx.is_main:
                 path = save_checkpoint(self.run_dir, state, self.step, keep)
         distributed.barrier()

@@ -150,6 +150,8 @@ class Backend:
 
     # Whether this run's checkpoints are sharded directories (``save_sharded``) rather than plain files.
     sharded_checkpoints = False
+    # Whether ``state_dict`` is a collective (sharded state gathered): every rank must call it, in step.
+    collective_state_dict = False
 
     def save_sharded(self, path: Path) -> dict:
         """Write this rank's shards into ``path`` (a collective); return the plain rest rank 0 keeps beside them."""
